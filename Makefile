@@ -1,0 +1,55 @@
+# make run    the main job (a short demonstration and this machine's benchmark table)
+# make test   build (CUDA kernels included, so CI proves they compile) and run every test
+# make bench  every benchmark, rows appended to benchmarks/results/<device>.json
+#
+# By default these create .venv with the pinned requirements-dev.txt. On a
+# machine whose active Python already has torch (a GPU box without internet):
+#   make test USE_SYSTEM_PYTHON=1
+# uses `python3` as it is and installs nothing but this package.
+
+SHELL := /bin/bash
+USE_SYSTEM_PYTHON ?= 0
+ifeq ($(USE_SYSTEM_PYTHON),1)
+PYTHON := python3
+ENV_STAMP :=
+else
+PYTHON := .venv/bin/python
+ENV_STAMP := .venv/.installed
+endif
+
+# auto: CUDA kernels when torch has CUDA and nvcc is found; 1: always; 0: never.
+MTL_KERNELS_CUDA ?= auto
+export TORCH_CUDA_ARCH_LIST ?= 9.0
+export CUDA_HOME ?= /usr/local/cuda
+
+SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
+BUILD_STAMP = build/.built-cuda-$(MTL_KERNELS_CUDA)-$(USE_SYSTEM_PYTHON)
+
+.PHONY: run test bench build clean
+
+run: build
+	$(PYTHON) python/demo_cross_stitch.py
+
+test: MTL_KERNELS_CUDA = 1
+test: build
+	$(PYTHON) -m pytest tests -q -ra
+
+bench: build
+	$(PYTHON) -m benchmarks.run_all
+
+build: $(BUILD_STAMP)
+
+$(BUILD_STAMP): $(ENV_STAMP) $(SOURCES)
+	rm -f build/.built-*
+	MTL_KERNELS_CUDA=$(MTL_KERNELS_CUDA) $(PYTHON) -m pip install --no-build-isolation --no-deps -e . -q
+	$(PYTHON) -c "import mtl_kernels as mk; print('mtl_kernels backends:', mk.available_backends())"
+	mkdir -p build && touch $@
+
+.venv/.installed: requirements-dev.txt
+	test -x .venv/bin/python || python3 -m venv .venv
+	.venv/bin/python -m pip install -q --upgrade pip
+	.venv/bin/python -m pip install -q -r requirements-dev.txt
+	touch $@
+
+clean:
+	rm -rf build mtl_kernels/_C*.so *.egg-info

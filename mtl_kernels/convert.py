@@ -1,0 +1,55 @@
+"""convert(model): swap the survey code's modules for fused ones with the same weights.
+
+A survey module is recognised by its class name and its state_dict layout, so
+models built from the survey code itself convert without importing it. Later
+ops add their converter to CONVERTERS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from .nn import CrossStitch
+
+
+def _cross_stitch(module: nn.Module, backend: str | None) -> nn.Module | None:
+    unit = getattr(module, "cross_stitch_unit", None)
+    if not isinstance(unit, nn.ModuleDict):
+        return None
+    tasks = list(unit.keys())
+    first = unit[tasks[0]][tasks[0]].param
+    fused = CrossStitch(tasks, first.shape[0], backend=backend)
+    fused.load_state_dict(module.state_dict())
+    return fused.to(device=first.device, dtype=first.dtype)
+
+
+# class name of the survey module -> builds the fused module, or None if the layout differs
+CONVERTERS: dict[str, Callable[[nn.Module, str | None], nn.Module | None]] = {
+    "CrossStitchUnit": _cross_stitch,
+}
+
+
+def convert(model: nn.Module, *, backend: str | None = None) -> nn.Module:
+    """Replace every survey module in `model` by its fused counterpart, in place.
+
+    Returns the model (a new module when `model` itself is a survey module).
+    The fused modules keep the weights, device, dtype and train/eval mode.
+    """
+    fused = _convert_one(model, backend)
+    if fused is not None:
+        return fused
+    for name, child in model.named_children():
+        setattr(model, name, convert(child, backend=backend))
+    return model
+
+
+def _convert_one(module: nn.Module, backend: str | None) -> nn.Module | None:
+    converter = CONVERTERS.get(type(module).__name__)
+    if converter is None:
+        return None
+    fused = converter(module, backend)
+    if fused is not None:
+        fused.train(module.training)
+    return fused

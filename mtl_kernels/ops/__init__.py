@@ -1,0 +1,5 @@
+"""Functional ops: argument checks, fake kernels, autograd and backend choice."""
+
+from .cross_stitch import cross_stitch
+
+__all__ = ["cross_stitch"]
