@@ -32,7 +32,7 @@ run: build
 
 test: MTL_KERNELS_CUDA = 1
 test: build
-	$(PYTHON) -m pytest tests -q -ra
+	MTL_KERNELS_EXPECT_CUDA=$(if $(filter 1,$(MTL_KERNELS_CUDA)),1,0) $(PYTHON) -m pytest tests -q -ra
 
 bench: build
 	$(PYTHON) -m benchmarks.run_all

@@ -110,8 +110,7 @@ def resolve(backend: str | None, device: torch.device, op: str) -> str:
             f"{op}: backend 'triton' runs on CPU tensors only under TRITON_INTERPRET=1 (set before triton is imported)"
         )
     if name not in _AVAILABLE:
-        raise RuntimeError(
-            f"{op}: backend {name!r} is not available in this build/machine; available: {available_backends()}"
-            + (f" (compiled kernels failed to load: {_C_ERROR})" if _C_ERROR is not None and name in ("cpu", "cuda") else "")
-        )
+        broken = _C_ERROR is not None and name in ("cpu", "cuda")
+        why = f" (compiled kernels failed to load: {_C_ERROR})" if broken else ""
+        raise RuntimeError(f"{op}: backend {name!r} is not available here; available: {list(_AVAILABLE)}{why}")
     return name

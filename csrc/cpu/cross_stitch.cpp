@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common/cross_stitch.h"
+#include "cpu/huge_pages.h"
 
 namespace mtl_kernels {
 namespace {
@@ -135,6 +136,7 @@ std::vector<at::Tensor> cross_stitch_cpu(at::TensorList xs_in, const at::Tensor&
   const auto fmt = dense_format(xs_in[0]);
   const auto xs = in_format(xs_in, fmt);
   auto ys = empty_like_all(xs, fmt);
+  for (const auto& y : ys) prefer_huge_pages(y);
   const int64_t T = xs.size(), B = xs[0].size(0), C = xs[0].size(1), P = xs[0].size(2) * xs[0].size(3);
   if (xs[0].numel() == 0) return ys;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs[0].scalar_type(), "cross_stitch_cpu", [&] {
@@ -220,6 +222,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> cross_stitch_backward_cpu(at::Te
   const auto xs = in_format(xs_in, fmt);
   const auto gys = in_format(grad_ys_in, fmt);
   auto gxs = empty_like_all(xs, fmt);
+  for (const auto& g : gxs) prefer_huge_pages(g);
   const int64_t T = xs.size(), B = xs[0].size(0), C = xs[0].size(1), P = xs[0].size(2) * xs[0].size(3);
   if (xs[0].numel() == 0) return {gxs, at::zeros_like(alpha, at::MemoryFormat::Contiguous)};
   at::Tensor grad_alpha;

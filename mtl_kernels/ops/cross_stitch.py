@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import torch
 
 from .. import _backend
-from .._layout import dense_format, empty_like_all
 from .. import reference as _reference
+from .._layout import dense_format, empty_like_all
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

@@ -1,0 +1,1 @@
+"""Benchmarks of mtl_kernels' ops (see harness.py); run them all with `python -m benchmarks`."""

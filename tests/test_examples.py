@@ -1,0 +1,26 @@
+"""Every runnable example in python/ runs (short options) and succeeds."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_example(name, *args):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "python", name), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_demo_cross_stitch():
+    out = run_example("demo_cross_stitch.py", "--no-bench")
+    assert "converted 3 CrossStitchUnit modules" in out
+    assert "largest difference" in out
