@@ -33,18 +33,12 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `mtl_ker
 import torch
 
 from benchmarks import harness
+from mtl_kernels import available_backends
+from mtl_kernels.ops.cross_stitch import cross_stitch
+from mtl_kernels.reference import CrossStitchUnit
 
 OP = "cross_stitch"
 B, H, W = 8, 120, 160
-
-
-def _import_op():
-    """The functional op and the survey module; the op module works without mtl_kernels/__init__.py."""
-    from mtl_kernels import _backend
-    from mtl_kernels.ops.cross_stitch import cross_stitch
-    from mtl_kernels.reference import CrossStitchUnit
-
-    return cross_stitch, CrossStitchUnit, _backend.available_backends()
 
 
 def fused_backends(device: torch.device, available: list[str]) -> list[str]:
@@ -59,7 +53,6 @@ def bytes_moved(T: int, C: int, dtype: torch.dtype) -> dict[str, int]:
 
 def make_cases(T: int, C: int, dtype: torch.dtype, device: torch.device, impls: list[str]):
     """Yields one Case per impl; all share the inputs and alpha values."""
-    cross_stitch, CrossStitchUnit, _ = _import_op()
     gen = torch.Generator().manual_seed(0)
     tasks = [f"task{i}" for i in range(T)]
     xs = [torch.randn(B, C, H, W, generator=gen).to(device, dtype).requires_grad_() for _ in range(T)]
@@ -107,7 +100,7 @@ def make_cases(T: int, C: int, dtype: torch.dtype, device: torch.device, impls: 
 
 
 def run(device: torch.device, quick: bool = False, impls: list[str] | None = None) -> list[dict]:
-    _, _, available = _import_op()
+    available = available_backends()
     all_impls = ["eager", "compile", *fused_backends(device, available)]
     impls = [i for i in all_impls if impls is None or i in impls]
     Ts, Cs = ((3,), (64,)) if quick else ((2, 3, 5), (64, 256))

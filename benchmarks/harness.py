@@ -92,7 +92,7 @@ class Settings:
             return cls(warmup=3, target_s=0.2, min_reps=10, max_reps=100) if quick else cls(5, 1.0, 25, 500)
         # CPU: one eager step of the largest shapes takes seconds on a small
         # machine; the first call and the peak-memory step are the warm-up.
-        return cls(warmup=0, target_s=0.3, min_reps=3, max_reps=10) if quick else cls(0, 1.0, 3, 20)
+        return cls(warmup=0, target_s=0.5, min_reps=5, max_reps=20) if quick else cls(0, 1.0, 3, 20)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -461,8 +461,12 @@ _LEFT = {"op", "params", "dtype", "mode", "impl"}
 
 def format_table(rows: list[dict]) -> str:
     """One line per row, grouped by configuration and mode (impls next to each other)."""
+    first_seen = {}
+    for r in rows:
+        first_seen.setdefault(_config(r), len(first_seen))
     order = {"forward": 0, "backward": 1, "both": 2}
-    rows = sorted(rows, key=lambda r: (_config(r), order.get(r["mode"], 9)))  # stable: impls keep their order
+    # configurations in run order, then modes; stable, so impls keep their run order
+    rows = sorted(rows, key=lambda r: (first_seen[_config(r)], order.get(r["mode"], 9)))
     cells = [[f(r) for _, f in _COLUMNS] for r in rows]
     widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, (h, _) in enumerate(_COLUMNS)]
 
