@@ -360,3 +360,11 @@ def test_compiled_op_checks_its_arguments():
         torch.ops.mtl_kernels.cross_stitch([torch.randn(1, 4, 2, 2)], torch.randn(1, 1, 3))
     with pytest.raises(RuntimeError, match="at least one tensor"):
         torch.ops.mtl_kernels.cross_stitch([], torch.randn(1, 1, 3))
+
+
+@pytest.mark.cuda
+def test_cuda_backend_rejects_more_than_eight_tasks():
+    xs, alpha = make_inputs(9, (1, 2, 3, 3), torch.float32, "cuda")
+    with pytest.raises(RuntimeError, match="up to 8 tasks"):
+        cross_stitch(xs, alpha, backend="cuda")
+    check_against_reference(xs, alpha, "triton")  # the Triton kernels take any T
