@@ -16,4 +16,21 @@ TORCH_LIBRARY(mtl_kernels, m) {
   m.def("cross_stitch(Tensor[] xs, Tensor alpha) -> Tensor[]");
   // Returns (grad_xs, grad_alpha) in one pass over grad_ys and xs.
   m.def("cross_stitch_backward(Tensor[] grad_ys, Tensor[] xs, Tensor alpha) -> (Tensor[], Tensor)");
+
+  // NDDR (Gao et al. 2019): ys[t] = ReLU(BN_t(weight[t*C:(t+1)*C] @ concat_j xs[j])), the
+  // concatenation never materialised. weight [T*C, T*C] (row block t: task t's 1x1 conv),
+  // bn_weight, bn_bias [T*C]. Training mode normalises with the batch statistics and also
+  // returns the pre-BN convolution z [B, T*C, H, W] and the batch mean and biased variance
+  // [T*C] (for backward, and for the caller to update the running statistics).
+  m.def(
+      "nddr_train(Tensor[] xs, Tensor weight, Tensor bn_weight, Tensor bn_bias, float eps)"
+      " -> (Tensor[], Tensor, Tensor, Tensor)");
+  // Returns (grad_xs, grad_weight, grad_bn_weight, grad_bn_bias).
+  m.def(
+      "nddr_train_backward(Tensor[] grad_ys, Tensor[] xs, Tensor z, Tensor weight, Tensor bn_weight,"
+      " Tensor bn_bias, Tensor mean, Tensor var, float eps) -> (Tensor[], Tensor, Tensor, Tensor)");
+  // Eval mode, BN folded by the caller: ys[t] = ReLU(weight[t*C:(t+1)*C] @ concat_j xs[j] + bias[t*C:]).
+  m.def("nddr_eval(Tensor[] xs, Tensor weight, Tensor bias) -> Tensor[]");
+  // Returns (grad_xs, grad_weight, grad_bias); the ReLU mask comes from the saved outputs ys.
+  m.def("nddr_eval_backward(Tensor[] grad_ys, Tensor[] xs, Tensor[] ys, Tensor weight) -> (Tensor[], Tensor, Tensor)");
 }

@@ -87,10 +87,15 @@ def _check_name(name) -> None:
         raise ValueError(f"backend must be one of {', '.join(_CHOICES)}, got {name!r}")
 
 
-def resolve(backend: str | None, device: torch.device, op: str) -> str:
-    """The backend that runs `op` on tensors on `device`; a clear error if it can't."""
+def resolve(backend: str | None, device: torch.device, op: str, implemented: tuple[str, ...] = BACKENDS) -> str:
+    """The backend that runs `op` on tensors on `device`; a clear error if it can't.
+
+    implemented: the backends `op` has (an op may not have all four yet).
+    """
     name = _default if backend is None else backend
     _check_name(name)
+    if name not in ("auto", *implemented):
+        raise NotImplementedError(f"{op}: no {name!r} backend yet; {op} has {', '.join(implemented)}")
     if name == "auto":
         if device.type == "cuda":
             order = ("cuda", "triton", "reference")
@@ -98,7 +103,7 @@ def resolve(backend: str | None, device: torch.device, op: str) -> str:
             order = ("cpu", "reference")
         else:
             order = ("reference",)
-        return next(n for n in order if n in _AVAILABLE)
+        return next(n for n in order if n in _AVAILABLE and n in implemented)
     if name == "reference":
         return name
     if name == "cpu" and device.type != "cpu":

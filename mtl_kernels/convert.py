@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from .nn import CrossStitch
+from .nn import NDDR, CrossStitch
 
 
 def _cross_stitch(module: nn.Module, backend: str | None) -> nn.Module | None:
@@ -25,9 +25,23 @@ def _cross_stitch(module: nn.Module, backend: str | None) -> nn.Module | None:
     return fused.to(device=first.device, dtype=first.dtype)
 
 
+def _nddr(module: nn.Module, backend: str | None) -> nn.Module | None:
+    layer = getattr(module, "layer", None)
+    if not isinstance(layer, nn.ModuleDict):
+        return None
+    tasks = list(layer.keys())
+    conv, bn = layer[tasks[0]][0], layer[tasks[0]][1]
+    if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d) or bn.momentum is None:
+        return None
+    fused = NDDR(tasks, conv.out_channels, momentum=bn.momentum, eps=bn.eps, backend=backend)
+    fused.load_state_dict(module.state_dict())
+    return fused.to(device=conv.weight.device, dtype=conv.weight.dtype)
+
+
 # class name of the survey module -> builds the fused module, or None if the layout differs
 CONVERTERS: dict[str, Callable[[nn.Module, str | None], nn.Module | None]] = {
     "CrossStitchUnit": _cross_stitch,
+    "NDDRLayer": _nddr,
 }
 
 

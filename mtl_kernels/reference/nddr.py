@@ -44,7 +44,7 @@ def nddr(
     x = torch.cat(list(xs), dim=1)
     ys = []
     for t in range(len(xs)):
-        z = F.conv2d(x, weight[t, :, :, None, None])
+        z = F.conv2d(x, weight[t, :, :, None, None].to(x.dtype))  # fp32 weights with half features: autocast-style
         z = F.batch_norm(z, running_mean[t], running_var[t], bn_weight[t], bn_bias[t], training, momentum, eps)
         ys.append(F.relu(z))
     return ys

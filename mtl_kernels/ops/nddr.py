@@ -1,0 +1,190 @@
+"""nddr: the NDDR fusion layer as a functional op. Argument checks, fake
+kernels, autograd, the running-statistics update and the choice of backend;
+the kernels live in csrc/ (common/nddr.h, cpu/nddr.cpp, cuda/nddr.cu).
+
+Training mode runs mtl_kernels::nddr_train (one GEMM pass over the T inputs for
+all T tasks, batch statistics, a fused BN + ReLU epilogue); eval mode folds BN
+into the weights with differentiable torch ops and runs mtl_kernels::nddr_eval.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .. import _backend
+from .. import reference as _reference
+from .._layout import dense_format, empty_like_all
+
+IMPLEMENTED = ("reference", "cpu", "cuda")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def nddr(
+    xs: Sequence[torch.Tensor],
+    weight: torch.Tensor,
+    bn_weight: torch.Tensor,
+    bn_bias: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    training: bool,
+    momentum: float = 0.05,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+) -> list[torch.Tensor]:
+    """ys[t] = ReLU(BN_t(weight[t] * concat_j xs[j])) for T task features xs[j] [B, C, H, W].
+
+    weight: [T, C, T*C], the T bias-free 1x1 convolutions, their input
+    channels in the order of xs; bn_weight, bn_bias, running_mean,
+    running_var: [T, C]. training=True normalises with the batch statistics
+    and updates running_mean / running_var in place as nn.BatchNorm2d does
+    (momentum, unbiased variance); False uses the running statistics.
+    """
+    xs = list(xs)
+    check_args(xs, weight, bn_weight, bn_bias, running_mean, running_var, training)
+    name = _backend.resolve(backend, xs[0].device, "nddr", IMPLEMENTED)
+    if name == "reference":
+        return _reference.nddr(xs, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
+    T, C = weight.shape[0], weight.shape[1]
+    w = weight.reshape(T * C, T * C)
+    if training:
+        ys, _, mean, var = torch.ops.mtl_kernels.nddr_train(xs, w, bn_weight.reshape(-1), bn_bias.reshape(-1), eps)
+        n = xs[0].numel() // C
+        with torch.no_grad():
+            running_mean.lerp_(mean.view(T, C).to(running_mean.dtype), momentum)
+            running_var.lerp_((var * (n / (n - 1))).view(T, C).to(running_var.dtype), momentum)
+        return list(ys)
+    scale = bn_weight * torch.rsqrt(running_var + eps)  # [T, C]
+    folded_w = w * scale.reshape(-1, 1)
+    folded_b = (bn_bias - running_mean * scale).reshape(-1)
+    return list(torch.ops.mtl_kernels.nddr_eval(xs, folded_w, folded_b))
+
+
+def check_args(xs, weight, bn_weight, bn_bias, running_mean, running_var, training) -> None:
+    if len(xs) == 0:
+        raise ValueError("nddr: xs must hold at least one tensor (one per task)")
+    for j, x in enumerate(xs):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"nddr: xs[{j}] must be a torch.Tensor, got {type(x).__name__}")
+    x0 = xs[0]
+    if x0.dim() != 4:
+        raise ValueError(f"nddr: xs[0] must be 4-D [B, C, H, W], got shape {tuple(x0.shape)}")
+    if x0.dtype not in _DTYPES:
+        raise TypeError(f"nddr: xs[0] must be float16, bfloat16, float32 or float64, got {x0.dtype}")
+    for j, x in enumerate(xs[1:], start=1):
+        if x.shape != x0.shape:
+            raise ValueError(f"nddr: xs[{j}] has shape {tuple(x.shape)}, expected {tuple(x0.shape)} like xs[0]")
+        if x.dtype != x0.dtype:
+            raise TypeError(f"nddr: xs[{j}] has dtype {x.dtype}, expected {x0.dtype} like xs[0]")
+        if x.device != x0.device:
+            raise ValueError(f"nddr: xs[{j}] is on {x.device}, expected {x0.device} like xs[0]")
+    T, C = len(xs), x0.shape[1]
+    params = {
+        "weight": (weight, (T, C, T * C)),
+        "bn_weight": (bn_weight, (T, C)),
+        "bn_bias": (bn_bias, (T, C)),
+        "running_mean": (running_mean, (T, C)),
+        "running_var": (running_var, (T, C)),
+    }
+    for pname, (p, shape) in params.items():
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"nddr: {pname} must be a torch.Tensor, got {type(p).__name__}")
+        if tuple(p.shape) != shape:
+            raise ValueError(
+                f"nddr: {pname} must have shape [T, ...] = {list(shape)} for T={T}, C={C}, got {list(p.shape)}"
+            )
+        if p.device != x0.device:
+            raise ValueError(f"nddr: {pname} is on {p.device}, expected {x0.device} like xs[0]")
+        if p.dtype not in (x0.dtype, torch.float32):
+            raise TypeError(f"nddr: {pname} must have the features' dtype ({x0.dtype}) or float32, got {p.dtype}")
+    if training and x0.numel() // max(C, 1) <= 1:
+        raise ValueError(
+            f"nddr: expected more than 1 value per channel when training, got input size {list(x0.shape)}"
+        )
+
+
+# ------------------------------------------------------------ fake kernels
+
+
+def _z_like(xs):
+    x0 = xs[0]
+    shape = (x0.shape[0], len(xs) * x0.shape[1], x0.shape[2], x0.shape[3])
+    return torch.empty(shape, dtype=x0.dtype, device=x0.device, memory_format=dense_format(x0))
+
+
+def _stats_like(xs, weight):
+    acc = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
+    return torch.empty(weight.shape[0], dtype=acc, device=xs[0].device)
+
+
+def _fake_train(xs, weight, bn_weight, bn_bias, eps):
+    return empty_like_all(xs, dense_format(xs[0])), _z_like(xs), _stats_like(xs, weight), _stats_like(xs, weight)
+
+
+def _fake_train_backward(grad_ys, xs, z, weight, bn_weight, bn_bias, mean, var, eps):
+    return (
+        empty_like_all(xs, dense_format(xs[0])),
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+        torch.empty_like(bn_weight, memory_format=torch.contiguous_format),
+        torch.empty_like(bn_bias, memory_format=torch.contiguous_format),
+    )
+
+
+def _fake_eval(xs, weight, bias):
+    return empty_like_all(xs, dense_format(xs[0]))
+
+
+def _fake_eval_backward(grad_ys, xs, ys, weight):
+    return (
+        empty_like_all(xs, dense_format(xs[0])),
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+        torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device),
+    )
+
+
+# ---------------------------------------------------------------- autograd
+
+
+def _zeros_for_none(grads, like):
+    # Autograd passes None for outputs that took no part in the loss.
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, like)]
+
+
+def _setup_train(ctx, inputs, output):
+    xs, weight, bn_weight, bn_bias, eps = inputs
+    _, z, mean, var = output
+    ctx.mark_non_differentiable(z, mean, var)
+    ctx.eps = eps
+    ctx.save_for_backward(z, weight, bn_weight, bn_bias, mean, var, *xs)
+
+
+def _backward_train(ctx, grad_ys, grad_z, grad_mean, grad_var):
+    z, weight, bn_weight, bn_bias, mean, var, *xs = ctx.saved_tensors
+    grad_ys = _zeros_for_none(grad_ys, xs)
+    grads = torch.ops.mtl_kernels.nddr_train_backward(grad_ys, xs, z, weight, bn_weight, bn_bias, mean, var, ctx.eps)
+    grad_xs, grad_w, grad_g, grad_b = grads
+    return list(grad_xs), grad_w, grad_g, grad_b, None
+
+
+def _setup_eval(ctx, inputs, output):
+    xs, weight, bias = inputs
+    ctx.num_tasks = len(xs)
+    ctx.save_for_backward(weight, *xs, *output)
+
+
+def _backward_eval(ctx, grad_ys):
+    weight, *rest = ctx.saved_tensors
+    xs, ys = rest[: ctx.num_tasks], rest[ctx.num_tasks :]
+    grad_xs, grad_w, grad_b = torch.ops.mtl_kernels.nddr_eval_backward(_zeros_for_none(grad_ys, xs), xs, ys, weight)
+    return list(grad_xs), grad_w, grad_b
+
+
+if _backend.compiled_error() is None:
+    torch.library.register_fake("mtl_kernels::nddr_train")(_fake_train)
+    torch.library.register_fake("mtl_kernels::nddr_train_backward")(_fake_train_backward)
+    torch.library.register_fake("mtl_kernels::nddr_eval")(_fake_eval)
+    torch.library.register_fake("mtl_kernels::nddr_eval_backward")(_fake_eval_backward)
+    torch.library.register_autograd("mtl_kernels::nddr_train", _backward_train, setup_context=_setup_train)
+    torch.library.register_autograd("mtl_kernels::nddr_eval", _backward_eval, setup_context=_setup_eval)
