@@ -3,7 +3,8 @@
 // through ATen) that read each task tensor in place and accumulate into one
 // [B, T*C, H, W] result z, so all T tasks' convolutions are one pass over each
 // input. The memory-bound rest (BN + ReLU epilogue and its backward) is done
-// by four device kernels, passed in as `Kernels`:
+// by five device kernels, passed in as `Kernels`:
+//   channel_stats(z, T) -> (mean, biased var) per channel k of z, [T*C]
 //   affine_relu(z, scale, shift, ys)      ys[t] = max(z[:, tC+c] * scale + shift, 0)
 //   relu_sums(grad_ys, z, scale, shift, mean) -> (sum dy', sum dy' * (z - mean)), dy' = dy * [y > 0]
 //   bn_relu_grad(grad_ys, z, scale, shift, a, b, dz)   dz = dy' * scale + z * a + b
@@ -117,7 +118,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> train(at
   const auto fmt = dense_format(x0);
   const auto xs = in_format(xs_in, fmt);
   at::Tensor z = conv1x1(xs, weight, fmt);
-  auto [var, mean] = at::var_mean(z.to(acc_type(x0)), {0, 2, 3}, /*correction=*/0);
+  auto [mean, var] = Kernels::channel_stats(z, T);
   const at::Tensor scale = acc(bn_weight, x0) * at::rsqrt(var + eps);
   const at::Tensor shift = acc(bn_bias, x0) - mean * scale;
   auto ys = empty_like_all(xs, fmt);
