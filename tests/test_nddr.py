@@ -196,6 +196,18 @@ def test_module_compiles_fullgraph(backend, training):
     torch.testing.assert_close(g[0], g_ref[0])
 
 
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("training", [True, False])
+def test_nan_propagates_like_the_reference(device, backend, training):
+    xs, params, stats = make_inputs(2, (2, 3, 4, 4), torch.float32, device)
+    with torch.no_grad():
+        xs[0][0, 0, 0, 0] = float("nan")
+    ys = nddr(xs, *params.values(), *{k: v.clone() for k, v in stats.items()}.values(), training, backend=backend)
+    refs = nddr(xs, *params.values(), *stats.values(), training, backend="reference")
+    for y, r in zip(ys, refs):
+        assert torch.equal(y.isnan(), r.isnan())
+
+
 class SurveyNDDRNet(torch.nn.Module):
     def __init__(self, tasks):
         super().__init__()
@@ -250,8 +262,8 @@ def test_bad_features_and_params():
     stats["running_var"] = stats["running_var"].double()
     with pytest.raises(TypeError, match="running_var must have the features' dtype"):
         nddr(xs, *params.values(), *stats.values(), True)
-    with pytest.raises(NotImplementedError, match="no 'triton' backend yet"):
+    with pytest.raises(ValueError, match="backend 'cuda' runs on CUDA tensors"):
         nddr(xs, *params.values(), *make_inputs(2, (2, 3, 4, 4), torch.float32, "cpu")[2].values(), True,
-             backend="triton")
+             backend="cuda")
     with pytest.raises(ValueError, match="momentum must be in"):
         mk.nn.NDDR(["a"], 4, momentum=2.0)

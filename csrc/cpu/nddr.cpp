@@ -179,7 +179,7 @@ struct CpuKernels {
           scalar_t* yt = y[t] + yo;
           for (int64_t i = 0; i < n; ++i) {
             const acc_t v = static_cast<acc_t>(zr[i]) * chan<Kind>(sc, k0, i) + chan<Kind>(sh, k0, i);
-            yt[i] = static_cast<scalar_t>(v > 0 ? v : acc_t(0));
+            yt[i] = static_cast<scalar_t>(v < 0 ? acc_t(0) : v);  // NaN stays NaN, as F.relu
           }
         });
       });

@@ -17,7 +17,7 @@ from .. import _backend
 from .. import reference as _reference
 from .._layout import dense_format, empty_like_all
 
-IMPLEMENTED = ("reference", "cpu", "cuda")
+IMPLEMENTED = ("reference", "cpu", "cuda", "triton")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -47,10 +47,11 @@ def nddr(
     name = _backend.resolve(backend, xs[0].device, "nddr", IMPLEMENTED)
     if name == "reference":
         return _reference.nddr(xs, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
+    train_op, eval_op = _OPS[name]
     T, C = weight.shape[0], weight.shape[1]
     w = weight.reshape(T * C, T * C)
     if training:
-        ys, _, mean, var = torch.ops.mtl_kernels.nddr_train(xs, w, bn_weight.reshape(-1), bn_bias.reshape(-1), eps)
+        ys, _, mean, var = train_op(xs, w, bn_weight.reshape(-1), bn_bias.reshape(-1), eps)
         n = xs[0].numel() // C
         with torch.no_grad():
             running_mean.lerp_(mean.view(T, C).to(running_mean.dtype), momentum)
@@ -59,7 +60,7 @@ def nddr(
     scale = bn_weight * torch.rsqrt(running_var + eps)  # [T, C]
     folded_w = w * scale.reshape(-1, 1)
     folded_b = (bn_bias - running_mean * scale).reshape(-1)
-    return list(torch.ops.mtl_kernels.nddr_eval(xs, folded_w, folded_b))
+    return list(eval_op(xs, folded_w, folded_b))
 
 
 def check_args(xs, weight, bn_weight, bn_bias, running_mean, running_var, training) -> None:
@@ -160,12 +161,14 @@ def _setup_train(ctx, inputs, output):
     ctx.save_for_backward(z, weight, bn_weight, bn_bias, mean, var, *xs)
 
 
-def _backward_train(ctx, grad_ys, grad_z, grad_mean, grad_var):
-    z, weight, bn_weight, bn_bias, mean, var, *xs = ctx.saved_tensors
-    grad_ys = _zeros_for_none(grad_ys, xs)
-    grads = torch.ops.mtl_kernels.nddr_train_backward(grad_ys, xs, z, weight, bn_weight, bn_bias, mean, var, ctx.eps)
-    grad_xs, grad_w, grad_g, grad_b = grads
-    return list(grad_xs), grad_w, grad_g, grad_b, None
+def _backward_train_with(backward_op):
+    def backward(ctx, grad_ys, grad_z, grad_mean, grad_var):
+        z, weight, bn_weight, bn_bias, mean, var, *xs = ctx.saved_tensors
+        grad_ys = _zeros_for_none(grad_ys, xs)
+        grad_xs, grad_w, grad_g, grad_b = backward_op(grad_ys, xs, z, weight, bn_weight, bn_bias, mean, var, ctx.eps)
+        return list(grad_xs), grad_w, grad_g, grad_b, None
+
+    return backward
 
 
 def _setup_eval(ctx, inputs, output):
@@ -174,17 +177,38 @@ def _setup_eval(ctx, inputs, output):
     ctx.save_for_backward(weight, *xs, *output)
 
 
-def _backward_eval(ctx, grad_ys):
-    weight, *rest = ctx.saved_tensors
-    xs, ys = rest[: ctx.num_tasks], rest[ctx.num_tasks :]
-    grad_xs, grad_w, grad_b = torch.ops.mtl_kernels.nddr_eval_backward(_zeros_for_none(grad_ys, xs), xs, ys, weight)
-    return list(grad_xs), grad_w, grad_b
+def _backward_eval_with(backward_op):
+    def backward(ctx, grad_ys):
+        weight, *rest = ctx.saved_tensors
+        xs, ys = rest[: ctx.num_tasks], rest[ctx.num_tasks :]
+        grad_xs, grad_w, grad_b = backward_op(_zeros_for_none(grad_ys, xs), xs, ys, weight)
+        return list(grad_xs), grad_w, grad_b
+
+    return backward
 
 
+def _register(suffix: str):
+    """Fakes and autograd of one backend's four ops (suffix "" for the compiled ones, "_triton")."""
+    ops = torch.ops.mtl_kernels
+    names = ("nddr_train", "nddr_train_backward", "nddr_eval", "nddr_eval_backward")
+    train, train_bwd, ev, ev_bwd = (getattr(ops, n + suffix) for n in names)
+    fakes = (_fake_train, _fake_train_backward, _fake_eval, _fake_eval_backward)
+    for n, fake in zip(names, fakes):
+        torch.library.register_fake(f"mtl_kernels::{n}{suffix}")(fake)
+    torch.library.register_autograd(
+        f"mtl_kernels::nddr_train{suffix}", _backward_train_with(train_bwd), setup_context=_setup_train
+    )
+    torch.library.register_autograd(
+        f"mtl_kernels::nddr_eval{suffix}", _backward_eval_with(ev_bwd), setup_context=_setup_eval
+    )
+    return train, ev
+
+
+# backend -> (training-mode op, eval-mode op)
+_OPS = {}
 if _backend.compiled_error() is None:
-    torch.library.register_fake("mtl_kernels::nddr_train")(_fake_train)
-    torch.library.register_fake("mtl_kernels::nddr_train_backward")(_fake_train_backward)
-    torch.library.register_fake("mtl_kernels::nddr_eval")(_fake_eval)
-    torch.library.register_fake("mtl_kernels::nddr_eval_backward")(_fake_eval_backward)
-    torch.library.register_autograd("mtl_kernels::nddr_train", _backward_train, setup_context=_setup_train)
-    torch.library.register_autograd("mtl_kernels::nddr_eval", _backward_eval, setup_context=_setup_eval)
+    _OPS["cpu"] = _OPS["cuda"] = _register("")
+if "triton" in _backend.available_backends():
+    from ..triton import nddr as _triton_nddr  # noqa: F401  (defines the triton ops)
+
+    _OPS["triton"] = _register("_triton")
