@@ -163,7 +163,7 @@ def run(device: torch.device, quick: bool = False, impls: list[str] | None = Non
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="T=3, C=64, 60x80 only, fewer reps")
-    p.add_argument("--full", action="store_true", help="the issue's full grid on CPU too (default there: a reduced grid)")
+    p.add_argument("--full", action="store_true", help="the full grid on CPU too (default there: a reduced grid)")
     p.add_argument("--no-save", action="store_true", help="print only; don't append to benchmarks/results/")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--impls", help="comma-separated subset of eager,compile,cpu,cuda")
