@@ -33,4 +33,19 @@ TORCH_LIBRARY(mtl_kernels, m) {
   m.def("nddr_eval(Tensor[] xs, Tensor weight, Tensor bias) -> Tensor[]");
   // Returns (grad_xs, grad_weight, grad_bias); the ReLU mask comes from the saved outputs ys.
   m.def("nddr_eval_backward(Tensor[] grad_ys, Tensor[] xs, Tensor[] ys, Tensor weight) -> (Tensor[], Tensor, Tensor)");
+
+  // Sigmoid-gated sum, shared by PAD-Net/MTI-Net distillation and MTAN attention:
+  //   outs[t] = residuals[t] + sum over pairs i with targets[i] == t of
+  //             feats[i] * sigmoid(gates[i] * scale + shift)
+  // N pairs of [B, C, H, W] tensors (channel slices of wider tensors are read in place);
+  // residuals: num_outputs tensors, or none; scale, shift: per-channel [C] (a BatchNorm
+  // folded onto the gates), or none for identity.
+  m.def(
+      "gate_sum(Tensor[] residuals, Tensor[] feats, Tensor[] gates, int[] targets, int num_outputs,"
+      " Tensor? scale, Tensor? shift) -> Tensor[]");
+  // Returns (grad_feats, grad_gates, grad_scale, grad_shift); the residuals' gradient is grad_outs itself.
+  // grad_scale / grad_shift are empty tensors when scale / shift are none.
+  m.def(
+      "gate_sum_backward(Tensor[] grad_outs, Tensor[] feats, Tensor[] gates, int[] targets, Tensor? scale,"
+      " Tensor? shift) -> (Tensor[], Tensor[], Tensor, Tensor)");
 }

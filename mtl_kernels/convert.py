@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from .nn import NDDR, CrossStitch
+from .nn import NDDR, CrossStitch, MTANAttention, MultiModalDistillation
 
 
 def _cross_stitch(module: nn.Module, backend: str | None) -> nn.Module | None:
@@ -38,10 +38,35 @@ def _nddr(module: nn.Module, backend: str | None) -> nn.Module | None:
     return fused.to(device=conv.weight.device, dtype=conv.weight.dtype)
 
 
+def _distillation(module: nn.Module, backend: str | None) -> nn.Module | None:
+    attention = getattr(module, "self_attention", None)
+    if not isinstance(attention, nn.ModuleDict) or not hasattr(module, "auxilary_tasks"):
+        return None
+    block = next((b for per_task in attention.values() for b in per_task.values()), None)
+    if block is None:
+        return None
+    channels = block.conv.out_channels
+    fused = MultiModalDistillation(
+        list(module.tasks), list(module.auxilary_tasks), channels, key_format="features_{}", backend=backend
+    )
+    fused.load_state_dict(module.state_dict())
+    return fused.to(device=block.conv.weight.device, dtype=block.conv.weight.dtype)
+
+
+def _attention(module: nn.Module, backend: str | None) -> nn.Module | None:
+    if not isinstance(module, nn.Sequential) or len(module) != 6 or not isinstance(module[0], nn.Conv2d):
+        return None
+    fused = MTANAttention(module[0].in_channels, module[0].out_channels, module[3].out_channels, backend=backend)
+    fused.load_state_dict(module.state_dict())
+    return fused.to(device=module[0].weight.device, dtype=module[0].weight.dtype)
+
+
 # class name of the survey module -> builds the fused module, or None if the layout differs
 CONVERTERS: dict[str, Callable[[nn.Module, str | None], nn.Module | None]] = {
     "CrossStitchUnit": _cross_stitch,
     "NDDRLayer": _nddr,
+    "MultiTaskDistillationModule": _distillation,
+    "AttentionLayer": _attention,
 }
 
 

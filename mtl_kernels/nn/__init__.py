@@ -1,6 +1,7 @@
 """Drop-in modules backed by the fused ops."""
 
 from .cross_stitch import CrossStitch
+from .distillation import MTANAttention, MultiModalDistillation
 from .nddr import NDDR
 
-__all__ = ["CrossStitch", "NDDR"]
+__all__ = ["CrossStitch", "MTANAttention", "MultiModalDistillation", "NDDR"]

@@ -1,6 +1,7 @@
 """Functional ops: argument checks, fake kernels, autograd and backend choice."""
 
 from .cross_stitch import cross_stitch
+from .gate_sum import gate_sum
 from .nddr import nddr
 
-__all__ = ["cross_stitch", "nddr"]
+__all__ = ["cross_stitch", "gate_sum", "nddr"]

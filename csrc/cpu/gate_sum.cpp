@@ -1,0 +1,232 @@
+// gate_sum on the CPU: outs[t] = residuals[t] + sum_{i: targets[i] == t}
+// feats[i] * sigmoid(gates[i] * scale + shift), and its backward, one pass
+// each. feats and gates are read in place with their own strides (channel
+// slices of PAD-Net's stacked convolution outputs), element (b, c, p) at
+// b*sB + c*sC + p*sP.
+//
+// The loops follow the outputs' layout: NCHW rows (b, c) of P pixels with one
+// channel's scale/shift, or channels_last rows (b, p) of C channels.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "common/cross_stitch.h"
+#include "cpu/huge_pages.h"
+
+namespace mtl_kernels {
+namespace {
+
+constexpr int64_t kGrain = 1 << 14;  // elements per parallel task at least
+constexpr int64_t kChunks = 64;      // channels_last partial sums: fixed count, deterministic
+
+template <typename T>
+struct View {  // a [B, C, H*W] tensor by its strides
+  T* ptr;
+  int64_t sB, sC, sP;
+};
+
+template <typename T>
+View<T> view_of(const at::Tensor& x) {
+  const int64_t W = x.size(3);
+  const int64_t sP = W > 1 ? x.stride(3) : x.stride(2);
+  return {const_cast<T*>(x.const_data_ptr<T>()), x.stride(0), x.stride(1), sP};
+}
+
+struct Walk {  // rows of the outputs' layout
+  bool channels_last;
+  int64_t B, C, P;
+  int64_t rows() const { return channels_last ? B * P : B * C; }
+  int64_t len() const { return channels_last ? C : P; }
+  // Offset of a row's first element in v, and the step along the row.
+  template <typename T>
+  std::pair<int64_t, int64_t> row(const View<T>& v, int64_t r) const {
+    if (channels_last) return {(r / P) * v.sB + (r % P) * v.sP, v.sC};
+    return {(r / C) * v.sB + (r % C) * v.sC, v.sP};
+  }
+  int64_t channel(int64_t r, int64_t k) const { return channels_last ? k : r % C; }
+};
+
+template <typename acc_t>
+inline acc_t sigmoid(acc_t x) {
+  return acc_t(1) / (acc_t(1) + std::exp(-x));  // exp(-x) = inf for very negative x gives 0, no NaN
+}
+
+void check(at::TensorList feats, at::TensorList gates, at::IntArrayRef targets, int64_t num_outputs,
+           const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift) {
+  TORCH_CHECK(!feats.empty() && feats.size() == gates.size() && feats.size() == targets.size(),
+              "gate_sum: feats, gates and targets must be non-empty and of the same length");
+  const at::Tensor& f0 = feats[0];
+  TORCH_CHECK(f0.dim() == 4, "gate_sum: feats[0] must be 4-D [B, C, H, W], got ", f0.sizes());
+  for (size_t i = 0; i < feats.size(); ++i) {
+    for (const at::Tensor* x : {&feats[i], &gates[i]})
+      TORCH_CHECK(x->sizes() == f0.sizes() && x->scalar_type() == f0.scalar_type() && x->device() == f0.device(),
+                  "gate_sum: pair ", i, " must match feats[0] in shape, dtype and device");
+    TORCH_CHECK(0 <= targets[i] && targets[i] < num_outputs, "gate_sum: targets[", i, "] = ", targets[i],
+                " is not in [0, ", num_outputs, ")");
+  }
+  for (const auto* v : {&scale, &shift})
+    if (v->has_value())
+      TORCH_CHECK((*v)->dim() == 1 && (*v)->size(0) == f0.size(1) && (*v)->device() == f0.device(),
+                  "gate_sum: scale and shift must be [C] on the features' device");
+}
+
+// Per-channel vector in the accumulation type: given, or `fill` everywhere.
+at::Tensor channel_vector(const std::optional<at::Tensor>& v, const at::Tensor& like, double fill) {
+  const auto acc = like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (v.has_value()) return v->to(acc).contiguous();
+  return at::full({like.size(1)}, fill, like.options().dtype(acc));
+}
+
+std::vector<at::Tensor> gate_sum_cpu(at::TensorList residuals_in, at::TensorList feats, at::TensorList gates,
+                                     at::IntArrayRef targets, int64_t num_outputs,
+                                     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift) {
+  check(feats, gates, targets, num_outputs, scale, shift);
+  TORCH_CHECK(residuals_in.empty() || static_cast<int64_t>(residuals_in.size()) == num_outputs,
+              "gate_sum: residuals must hold num_outputs tensors or none");
+  const at::Tensor& f0 = feats[0];
+  const auto fmt = dense_format(residuals_in.empty() ? f0 : residuals_in[0]);
+  const auto residuals = in_format(residuals_in, fmt);
+  std::vector<at::Tensor> outs;
+  for (int64_t t = 0; t < num_outputs; ++t) {
+    outs.push_back(at::empty(f0.sizes(), f0.options().memory_format(fmt)));
+    prefer_huge_pages(outs.back());
+  }
+  if (f0.numel() == 0) return outs;
+  const Walk walk{fmt == at::MemoryFormat::ChannelsLast, f0.size(0), f0.size(1), f0.size(2) * f0.size(3)};
+  const at::Tensor sc = channel_vector(scale, f0, 1.0), sh = channel_vector(shift, f0, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(), "gate_sum_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<View<scalar_t>> f, g, out, res;
+    for (size_t i = 0; i < feats.size(); ++i) f.push_back(view_of<scalar_t>(feats[i])), g.push_back(view_of<scalar_t>(gates[i]));
+    for (auto& o : outs) out.push_back(view_of<scalar_t>(o));
+    for (auto& r : residuals) res.push_back(view_of<scalar_t>(r));
+    const acc_t *scp = sc.const_data_ptr<acc_t>(), *shp = sh.const_data_ptr<acc_t>();
+    const int64_t n = walk.len();
+    at::parallel_for(0, walk.rows(), std::max<int64_t>(1, kGrain / n), [&](int64_t r0, int64_t r1) {
+      std::vector<acc_t> acc(n);
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t t = 0; t < num_outputs; ++t) {
+          if (res.empty()) {
+            std::fill(acc.begin(), acc.end(), acc_t(0));
+          } else {
+            auto [o, s] = walk.row(res[t], r);
+            for (int64_t k = 0; k < n; ++k) acc[k] = static_cast<acc_t>(res[t].ptr[o + k * s]);
+          }
+          for (size_t i = 0; i < f.size(); ++i) {
+            if (targets[i] != t) continue;
+            auto [fo, fs] = walk.row(f[i], r);
+            auto [go, gs] = walk.row(g[i], r);
+            const scalar_t *fp = f[i].ptr + fo, *gp = g[i].ptr + go;
+            for (int64_t k = 0; k < n; ++k) {
+              const int64_t c = walk.channel(r, k);
+              acc[k] += static_cast<acc_t>(fp[k * fs]) *
+                        sigmoid(static_cast<acc_t>(gp[k * gs]) * scp[c] + shp[c]);
+            }
+          }
+          auto [oo, os] = walk.row(out[t], r);
+          for (int64_t k = 0; k < n; ++k) out[t].ptr[oo + k * os] = static_cast<scalar_t>(acc[k]);
+        }
+      }
+    });
+  });
+  return outs;
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor> gate_sum_backward_cpu(
+    at::TensorList grad_outs_in, at::TensorList feats, at::TensorList gates, at::IntArrayRef targets,
+    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift) {
+  const int64_t num_outputs = grad_outs_in.size();
+  check(feats, gates, targets, num_outputs, scale, shift);
+  const at::Tensor& f0 = feats[0];
+  for (const auto& g : grad_outs_in)
+    TORCH_CHECK(g.sizes() == f0.sizes() && g.scalar_type() == f0.scalar_type() && g.device() == f0.device(),
+                "gate_sum_backward: grad_outs must match feats in shape, dtype and device");
+  const auto fmt = dense_format(grad_outs_in[0]);
+  const auto grad_outs = in_format(grad_outs_in, fmt);
+  std::vector<at::Tensor> grad_feats, grad_gates;
+  for (size_t i = 0; i < feats.size(); ++i) {
+    grad_feats.push_back(at::empty(f0.sizes(), f0.options().memory_format(dense_format(feats[i]))));
+    grad_gates.push_back(at::empty(f0.sizes(), f0.options().memory_format(dense_format(gates[i]))));
+  }
+  const Walk walk{fmt == at::MemoryFormat::ChannelsLast, f0.size(0), f0.size(1), f0.size(2) * f0.size(3)};
+  const bool sums = scale.has_value() || shift.has_value();
+  const auto acc_type = f0.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  // Per-row (NCHW) or per-chunk (channels_last) partial sums of the gate
+  // gradient before the affine, and of it times the gate: grad_shift, grad_scale.
+  const int64_t per_chunk = walk.channels_last ? std::max<int64_t>(1, (walk.rows() + kChunks - 1) / kChunks) : 1;
+  const int64_t chunks = (walk.rows() + per_chunk - 1) / per_chunk;
+  at::Tensor partial = at::zeros({sums ? chunks : 0, 2, walk.channels_last ? walk.C : 1}, f0.options().dtype(acc_type));
+  if (f0.numel() > 0) {
+    const at::Tensor sc = channel_vector(scale, f0, 1.0), sh = channel_vector(shift, f0, 0.0);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(), "gate_sum_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      std::vector<View<scalar_t>> f, g, gf, gg, go;
+      for (size_t i = 0; i < feats.size(); ++i) {
+        f.push_back(view_of<scalar_t>(feats[i])), g.push_back(view_of<scalar_t>(gates[i]));
+        gf.push_back(view_of<scalar_t>(grad_feats[i])), gg.push_back(view_of<scalar_t>(grad_gates[i]));
+      }
+      for (auto& o : grad_outs) go.push_back(view_of<scalar_t>(o));
+      const acc_t *scp = sc.const_data_ptr<acc_t>(), *shp = sh.const_data_ptr<acc_t>();
+      acc_t* part = sums ? partial.mutable_data_ptr<acc_t>() : nullptr;
+      const int64_t n = walk.len(), width = walk.channels_last ? walk.C : 1;
+      at::parallel_for(0, chunks, std::max<int64_t>(1, kGrain / (n * per_chunk)), [&](int64_t q0, int64_t q1) {
+        for (int64_t q = q0; q < q1; ++q) {
+          acc_t* ps = sums ? part + q * 2 * width : nullptr;
+          for (int64_t r = q * per_chunk; r < std::min(walk.rows(), (q + 1) * per_chunk); ++r) {
+            for (size_t i = 0; i < f.size(); ++i) {
+              auto [oo, os] = walk.row(go[targets[i]], r);
+              auto [fo, fs] = walk.row(f[i], r);
+              auto [gio, gis] = walk.row(g[i], r);
+              auto [gfo, gfs] = walk.row(gf[i], r);
+              auto [ggo, ggs] = walk.row(gg[i], r);
+              const scalar_t *gop = go[targets[i]].ptr + oo, *fp = f[i].ptr + fo, *gp = g[i].ptr + gio;
+              scalar_t *gfp = gf[i].ptr + gfo, *ggp = gg[i].ptr + ggo;
+              acc_t row_shift = 0, row_scale = 0;
+              for (int64_t k = 0; k < n; ++k) {
+                const int64_t c = walk.channel(r, k);
+                const acc_t gout = static_cast<acc_t>(gop[k * os]), gate = static_cast<acc_t>(gp[k * gis]);
+                const acc_t s = sigmoid(gate * scp[c] + shp[c]);
+                const acc_t d = gout * static_cast<acc_t>(fp[k * fs]) * s * (acc_t(1) - s);  // d out / d (affine gate)
+                gfp[k * gfs] = static_cast<scalar_t>(gout * s);
+                ggp[k * ggs] = static_cast<scalar_t>(d * scp[c]);
+                if (!sums) continue;
+                if (walk.channels_last) {
+                  ps[k] += d;
+                  ps[width + k] += d * gate;
+                } else {
+                  row_shift += d;
+                  row_scale += d * gate;
+                }
+              }
+              if (sums && !walk.channels_last) ps[0] += row_shift, ps[1] += row_scale;
+            }
+          }
+        }
+      });
+    });
+  }
+  const auto empty = at::empty({0}, f0.options().dtype(at::kFloat));
+  if (!sums) return {grad_feats, grad_gates, empty, empty};
+  // NCHW rows are (b, c): sum over b; channels_last chunks: sum over chunks.
+  const at::Tensor total = walk.channels_last ? partial.sum(0) : partial.view({walk.B, walk.C, 2}).sum(0).t();
+  const at::Tensor grad_scale = scale.has_value() ? total[1].to(scale->scalar_type()).contiguous() : empty;
+  const at::Tensor grad_shift = shift.has_value() ? total[0].to(shift->scalar_type()).contiguous() : empty;
+  return {grad_feats, grad_gates, grad_scale, grad_shift};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mtl_kernels, CPU, m) {
+  m.impl("gate_sum", &gate_sum_cpu);
+  m.impl("gate_sum_backward", &gate_sum_backward_cpu);
+}
+
+}  // namespace mtl_kernels

@@ -1,0 +1,162 @@
+"""MultiModalDistillation (PAD-Net, MTI-Net) and MTANAttention on the fused gate_sum op."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.gate_sum import gate_sum
+from .tasks import check_task_features, check_tasks
+
+
+class MultiModalDistillation(nn.Module):
+    """PAD-Net's multi-modal distillation (Xu et al. 2018; MTI-Net applies it per scale).
+
+    D_t = F_t + sum over auxiliary tasks a != t of conv_f[t,a](F_a) * sigmoid(conv_g[t,a](F_a)),
+    conv_f, conv_g bias-free 3x3 convolutions C -> C. For each source a, all its
+    convolutions (feature and gate, for every target t) run as ONE convolution
+    with stacked weights; one gate_sum then reads those outputs in place, gates,
+    sums over sources and adds the residual.
+
+    forward takes {task: features} for the auxiliary tasks (a superset of
+    `tasks`) and returns {task: distilled features} for `tasks`. With
+    key_format="features_{}" it reads the survey code's input keys instead and
+    ignores other entries (what convert() sets). Parameters: weight_<a> of
+    shape [2 * K_a * C, C, 3, 3], per target slot k (the targets of a in the
+    order of `tasks`) the feature conv then the gate conv. Also loads the
+    survey's MultiTaskDistillationModule keys
+    (self_attention.<t>.<a>.conv.weight and .attention.0.weight).
+    """
+
+    def __init__(self, tasks, auxiliary_tasks, channels: int, *, key_format: str = "{}", backend: str | None = None):
+        super().__init__()
+        self.tasks = check_tasks(tasks, "MultiModalDistillation")
+        self.auxiliary_tasks = check_tasks(auxiliary_tasks, "MultiModalDistillation")
+        missing = [t for t in self.tasks if t not in self.auxiliary_tasks]
+        if missing:
+            raise ValueError(f"MultiModalDistillation: tasks {missing} must also be auxiliary tasks (their features "
+                             f"are the residuals); auxiliary_tasks={self.auxiliary_tasks}")
+        if not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"MultiModalDistillation: channels must be a positive int, got {channels!r}")
+        self.channels, self.key_format, self.backend = channels, key_format, backend
+        # source a -> the targets it feeds, in the order of `tasks`
+        self.targets_of = {a: [t for t in self.tasks if t != a] for a in self.auxiliary_tasks}
+        self.weights = nn.ParameterDict()
+        for a, targets in self.targets_of.items():
+            if targets:
+                w = torch.empty(2 * len(targets) * channels, channels, 3, 3)
+                for k in range(2 * len(targets)):  # each conv initialised as nn.Conv2d would be
+                    nn.init.kaiming_uniform_(w[k * channels : (k + 1) * channels], a=5**0.5)
+                self.weights[a] = nn.Parameter(w)
+
+    def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.key_format == "{}":
+            xs = check_task_features(features, self.auxiliary_tasks, self.channels, "MultiModalDistillation")
+        else:
+            picked = {a: features[self.key_format.format(a)] for a in self.auxiliary_tasks}
+            xs = check_task_features(picked, self.auxiliary_tasks, self.channels, "MultiModalDistillation")
+        x_of = dict(zip(self.auxiliary_tasks, xs))
+        C = self.channels
+        feats, gates, targets = [], [], []
+        for a, weight in self.weights.items():
+            stacked = F.conv2d(x_of[a], weight.to(x_of[a].dtype), padding=1)
+            for k, t in enumerate(self.targets_of[a]):
+                feats.append(stacked[:, 2 * k * C : (2 * k + 1) * C])
+                gates.append(stacked[:, (2 * k + 1) * C : (2 * k + 2) * C])
+                targets.append(self.tasks.index(t))
+        residuals = [x_of[t] for t in self.tasks]
+        if not feats:  # a single task with no other auxiliary: nothing to distil
+            return dict(zip(self.tasks, residuals))
+        outs = gate_sum(residuals, feats, gates, targets, len(self.tasks), backend=self.backend)
+        return dict(zip(self.tasks, outs))
+
+    def extra_repr(self) -> str:
+        return f"tasks={self.tasks}, auxiliary_tasks={self.auxiliary_tasks}, channels={self.channels}"
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        survey = {
+            (t, a, kind): f"{prefix}self_attention.{t}.{a}.{key}"
+            for a, targets in self.targets_of.items()
+            for t in targets
+            for kind, key in (("feat", "conv.weight"), ("gate", "attention.0.weight"))
+        }
+        if survey and not any(k.startswith(prefix + "weights.") for k in state_dict) and any(
+            k in state_dict for k in survey.values()
+        ):
+            absent = [k for k in survey.values() if k not in state_dict]
+            if absent:
+                errors.append(f"MultiModalDistillation: the survey state_dict lacks {absent}")
+                return
+            for a, targets in self.targets_of.items():
+                if targets:
+                    blocks = [state_dict.pop(survey[t, a, kind]) for t in targets for kind in ("feat", "gate")]
+                    state_dict[f"{prefix}weights.{a}"] = torch.cat(blocks)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+
+
+class MTANAttention(nn.Sequential):
+    """MTAN's attention (Liu et al. 2019): mask = sigmoid(BN(conv1x1(ReLU(BN(conv1x1(x)))))).
+
+    forward(x, features=None) returns mask * features, with the second BN, the
+    sigmoid and the product fused in one gate_sum pass (and one for its
+    backward); without features it returns the mask, so it drops in for the
+    survey's AttentionLayer, whose state_dict keys it shares (an nn.Sequential:
+    0 conv, 1 BN, 2 ReLU, 3 conv, 4 BN, 5 Sigmoid). In eval mode the first BN
+    is folded into its convolution and the second into the gate's affine.
+    """
+
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, *, backend: str | None = None):
+        super().__init__(
+            nn.Conv2d(in_channels, mid_channels, 1, padding=0),
+            nn.BatchNorm2d(mid_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(mid_channels, out_channels, 1, padding=0),
+            nn.BatchNorm2d(out_channels),
+            nn.Sigmoid(),
+        )
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        conv1, bn1, _, conv2, bn2, _ = self
+        if self.training:
+            z = conv2(F.relu(bn1(conv1(x))))
+        else:
+            w, b = _fold(conv1, bn1)
+            z = conv2(F.relu(F.conv2d(x, w, b)))
+        if features is None:
+            return torch.sigmoid(bn2(z))
+        if features.shape != z.shape:
+            raise ValueError(f"MTANAttention: features have shape {tuple(features.shape)}, expected the mask's "
+                             f"{tuple(z.shape)}")
+        scale, shift = _bn_affine(bn2, z)
+        return gate_sum(None, [features], [z.to(features.dtype)], [0], 1, scale, shift, backend=self.backend)[0]
+
+
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """conv followed by an eval-mode BN, as one conv's weight and bias."""
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    return conv.weight * scale.view(-1, 1, 1, 1), (bias - bn.running_mean) * scale + bn.bias
+
+
+def _bn_affine(bn: nn.BatchNorm2d, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """BN(z) = z * scale + shift per channel; in training mode from the batch
+    statistics (differentiable), updating the running ones as nn.BatchNorm2d does."""
+    if bn.training:
+        zf = z if z.dtype == torch.float64 else z.float()  # statistics in fp32 at least
+        var, mean = torch.var_mean(zf, dim=(0, 2, 3), correction=0)
+        n = z.numel() // z.shape[1]
+        if n <= 1:
+            raise ValueError(
+                f"MTANAttention: expected more than 1 value per channel when training, got {list(z.shape)}"
+            )
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), m)
+            bn.running_var.lerp_((var * (n / (n - 1))).to(bn.running_var.dtype), m)
+    else:
+        mean, var = bn.running_mean, bn.running_var
+    scale = bn.weight * torch.rsqrt(var + bn.eps)
+    return scale, bn.bias - mean * scale

@@ -1,0 +1,121 @@
+"""gate_sum: every fused backend against the reference, forward and backward, and bad input."""
+
+import pytest
+import torch
+from conftest import fused_backends
+
+from mtl_kernels.ops import gate_sum
+from mtl_kernels.ops.gate_sum import IMPLEMENTED
+
+BACKENDS = [b for b in fused_backends("cpu") if b in IMPLEMENTED]
+CASES = [("cpu", b) for b in BACKENDS] + [
+    pytest.param("cuda", b, marks=pytest.mark.cuda) for b in ("cuda", "triton") if b in IMPLEMENTED
+]
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def padnet_inputs(T, shape, dtype, device, layout="contiguous", residuals=True, affine=False):
+    """PAD-Net's pattern: each source a's stacked conv output holds (feature, gate) for every target t != a."""
+    B, C, H, W = shape
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    stacked, feats, gates, targets = [], [], [], []
+    for a in range(T):
+        s = torch.randn(B, 2 * (T - 1) * C, H, W, device=device).to(dtype).to(memory_format=fmt).requires_grad_()
+        stacked.append(s)
+        for k, t in enumerate(t for t in range(T) if t != a):
+            feats.append(s[:, 2 * k * C : (2 * k + 1) * C])
+            gates.append(s[:, (2 * k + 1) * C : (2 * k + 2) * C])
+            targets.append(t)
+    res = (
+        [torch.randn(B, C, H, W, device=device).to(dtype).to(memory_format=fmt).requires_grad_() for _ in range(T)]
+        if residuals
+        else []
+    )
+    pd = torch.float64 if dtype == torch.float64 else torch.float32  # fp32 BN params with half features
+    aff = [torch.randn(C, device=device, dtype=pd, requires_grad=True) for _ in range(2)] if affine else [None, None]
+    return stacked, res, feats, gates, targets, aff
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def check(T, shape, dtype, device, backend, **kw):
+    stacked, res, feats, gates, targets, (scale, shift) = padnet_inputs(T, shape, dtype, device, **kw)
+    outs = gate_sum(res, feats, gates, targets, T, scale, shift, backend=backend)
+    refs = gate_sum(
+        [r.double() for r in res],
+        [f.double() for f in feats],
+        [g.double() for g in gates],
+        targets,
+        T,
+        None if scale is None else scale.double(),
+        None if shift is None else shift.double(),
+        backend="reference",
+    )
+    for o, r in zip(outs, refs):
+        assert o.dtype == dtype and o.shape == r.shape
+        assert rel_err(o, r) <= TOL[dtype]
+    leaves = stacked + res + [v for v in (scale, shift) if v is not None]
+    grads_out = [torch.randn_like(o) for o in outs]
+    got = torch.autograd.grad(outs, leaves, grads_out)
+    ref_outs = gate_sum(res, feats, gates, targets, T, scale, shift, backend="reference")
+    want = torch.autograd.grad(ref_outs, leaves, grads_out)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) <= max(TOL[dtype], 1e-5 if dtype == torch.float32 else TOL[dtype])
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("T", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("residuals", [True, False])
+@pytest.mark.parametrize("affine", [False, True])
+def test_matches_reference(device, backend, T, dtype, layout, residuals, affine):
+    check(T, (2, 3, 7, 5), dtype, device, backend, layout=layout, residuals=residuals, affine=affine)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_storage(device, backend, dtype):
+    check(3, (2, 8, 6, 10), dtype, device, backend, affine=True)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_gradcheck_and_opcheck(device, backend):
+    _, res, feats, gates, targets, (scale, shift) = padnet_inputs(2, (1, 2, 3, 4), torch.float64, device, affine=True)
+    scale, shift = scale.detach().double().requires_grad_(), shift.detach().double().requires_grad_()
+    n = len(feats)
+
+    def f(*ts):
+        return gate_sum(ts[:2], ts[2 : 2 + n], ts[2 + n : 2 + 2 * n], targets, 2, ts[-2], ts[-1], backend=backend)
+
+    leaves = [r.detach().requires_grad_() for r in res] + [x.detach().clone().requires_grad_() for x in feats + gates]
+    assert torch.autograd.gradcheck(f, (*leaves, scale, shift))
+    op = torch.ops.mtl_kernels.gate_sum_triton if backend == "triton" else torch.ops.mtl_kernels.gate_sum
+    torch.library.opcheck(op, ([r.detach() for r in res], feats, gates, targets, 2, scale, shift))
+    torch.library.opcheck(op, ([], feats, gates, targets, 2, None, None))
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_extreme_gates_stay_finite(device, backend):
+    _, res, feats, gates, targets, _ = padnet_inputs(2, (1, 2, 3, 3), torch.float32, device)
+    gates = [torch.full_like(g, v) for g, v in zip(gates, (-1e4, 1e4))]
+    outs = gate_sum(res, feats, gates, targets, 2, backend=backend)
+    assert all(torch.isfinite(o).all() for o in outs)
+
+
+def test_bad_input():
+    _, res, feats, gates, targets, _ = padnet_inputs(2, (1, 2, 3, 3), torch.float32, "cpu")
+    with pytest.raises(ValueError, match="same length"):
+        gate_sum(res, feats, gates[:1], targets, 2)
+    with pytest.raises(ValueError, match=r"targets\[0\] = 5 is not an output index"):
+        gate_sum(res, feats, gates, [5] + targets[1:], 2)
+    with pytest.raises(ValueError, match="num_outputs is required"):
+        gate_sum(None, feats, gates, targets)
+    with pytest.raises(ValueError, match=r"gates\[1\] has shape"):
+        gate_sum(res, feats, [gates[0], gates[1][:, :1]], targets, 2)
+    with pytest.raises(ValueError, match=r"scale must be a tensor of shape \[C\] = \[2\]"):
+        gate_sum(res, feats, gates, targets, 2, torch.ones(3))
+    with pytest.raises(TypeError, match=r"feats\[1\] has dtype torch.float64"):
+        gate_sum(res, [feats[0], feats[1].double()], gates, targets, 2)
