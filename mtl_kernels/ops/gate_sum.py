@@ -21,7 +21,7 @@ from .. import _backend
 from .. import reference as _reference
 from .._layout import dense_format
 
-IMPLEMENTED = ("reference", "cpu", "cuda")
+IMPLEMENTED = ("reference", "cpu", "cuda", "triton")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -172,3 +172,7 @@ def _register(suffix: str) -> None:
 
 if _backend.compiled_error() is None:
     _register("")
+if "triton" in _backend.available_backends():
+    from ..triton import gate_sum as _triton_gate_sum  # noqa: F401  (defines the triton ops)
+
+    _register("_triton")
