@@ -9,10 +9,13 @@
 namespace mtl_kernels {
 
 // The two dense layouts the kernels read and write in place. Inputs in any
-// other layout (a strided slice, say) are copied once into NCHW.
+// other layout (a strided slice, say) are copied once, into channels_last when
+// their channels are contiguous, else into NCHW (mirrored in mtl_kernels/_layout.py).
 inline at::MemoryFormat dense_format(const at::Tensor& x) {
   if (x.is_contiguous()) return at::MemoryFormat::Contiguous;
-  if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
+  // channels_last, or a channel slice of a channels_last tensor (copied once into channels_last)
+  if (x.is_contiguous(at::MemoryFormat::ChannelsLast) || (x.dim() == 4 && x.stride(1) == 1))
+    return at::MemoryFormat::ChannelsLast;
   return at::MemoryFormat::Contiguous;
 }
 
