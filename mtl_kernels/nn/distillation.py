@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.gate_sum import gate_sum
+from .. import _backend
+from ..ops.gate_sum import IMPLEMENTED, fused_ops, gate_sum
 from .tasks import check_task_features, check_tasks
 
 
@@ -57,18 +58,20 @@ class MultiModalDistillation(nn.Module):
             picked = {a: features[self.key_format.format(a)] for a in self.auxiliary_tasks}
             xs = check_task_features(picked, self.auxiliary_tasks, self.channels, "MultiModalDistillation")
         x_of = dict(zip(self.auxiliary_tasks, xs))
-        C = self.channels
-        feats, gates, targets = [], [], []
-        for a, weight in self.weights.items():
-            stacked = F.conv2d(x_of[a], weight.to(x_of[a].dtype), padding=1)
-            for k, t in enumerate(self.targets_of[a]):
-                feats.append(stacked[:, 2 * k * C : (2 * k + 1) * C])
-                gates.append(stacked[:, (2 * k + 1) * C : (2 * k + 2) * C])
-                targets.append(self.tasks.index(t))
         residuals = [x_of[t] for t in self.tasks]
-        if not feats:  # a single task with no other auxiliary: nothing to distil
+        if not self.weights:  # a single task with no other auxiliary: nothing to distil
             return dict(zip(self.tasks, residuals))
-        outs = gate_sum(residuals, feats, gates, targets, len(self.tasks), backend=self.backend)
+        stacked = [F.conv2d(x_of[a], w.to(x_of[a].dtype), padding=1) for a, w in self.weights.items()]
+        # slot i of source s: (source, k, target)
+        slots = tuple(
+            (s, k, self.tasks.index(t)) for s, a in enumerate(self.weights) for k, t in enumerate(self.targets_of[a])
+        )
+        name = _backend.resolve(self.backend, xs[0].device, "gate_sum", IMPLEMENTED)
+        if name == "reference":
+            feats, gates, targets = _slices(stacked, slots, self.channels)
+            outs = gate_sum(residuals, feats, gates, targets, len(self.tasks), backend=name)
+        else:
+            outs = _GatedSources.apply(name, slots, self.channels, len(residuals), *residuals, *stacked)
         return dict(zip(self.tasks, outs))
 
     def extra_repr(self) -> str:
@@ -93,6 +96,41 @@ class MultiModalDistillation(nn.Module):
                     blocks = [state_dict.pop(survey[t, a, kind]) for t in targets for kind in ("feat", "gate")]
                     state_dict[f"{prefix}weights.{a}"] = torch.cat(blocks)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+
+
+def _slices(stacked, slots, C):
+    """The (feature, gate) channel slices of each slot, and its target."""
+    feats = [stacked[s][:, 2 * k * C : (2 * k + 1) * C] for s, k, _ in slots]
+    gates = [stacked[s][:, (2 * k + 1) * C : (2 * k + 2) * C] for s, k, _ in slots]
+    return feats, gates, [t for _, _, t in slots]
+
+
+class _GatedSources(torch.autograd.Function):
+    """gate_sum over the stacked convolution outputs, whose backward returns one
+    gradient per stacked tensor (one cat of its slots' gradients). Autograd
+    through the channel-slice views would instead allocate a zeroed gradient of
+    the whole stacked tensor for every slice and add them up."""
+
+    @staticmethod
+    def forward(ctx, backend, slots, C, num_res, *tensors):
+        residuals, stacked = list(tensors[:num_res]), list(tensors[num_res:])
+        feats, gates, targets = _slices(stacked, slots, C)
+        forward_op, _ = fused_ops(backend)
+        ctx.backend, ctx.slots, ctx.C = backend, slots, C
+        ctx.save_for_backward(*stacked)
+        return tuple(forward_op(residuals, feats, gates, targets, num_res, None, None))
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        stacked = ctx.saved_tensors
+        feats, gates, targets = _slices(stacked, ctx.slots, ctx.C)
+        grad_outs = [torch.zeros_like(feats[0]) if g is None else g for g in grad_outs]
+        _, backward_op = fused_ops(ctx.backend)
+        grad_feats, grad_gates, _, _ = backward_op(grad_outs, feats, gates, targets, None, None)
+        per_source = [[] for _ in stacked]
+        for (s, _, _), gf, gg in zip(ctx.slots, grad_feats, grad_gates):
+            per_source[s] += [gf, gg]
+        return (None, None, None, None, *grad_outs, *(torch.cat(g, dim=1) for g in per_source))
 
 
 class MTANAttention(nn.Sequential):

@@ -58,6 +58,14 @@ def gate_sum(
     return list(op(residuals, feats, gates, targets, num_outputs, scale, shift))
 
 
+def fused_ops(backend: str):
+    """(forward, backward) ops of a fused backend, for callers that manage autograd themselves."""
+    ops = torch.ops.mtl_kernels
+    if backend == "triton":
+        return ops.gate_sum_triton, ops.gate_sum_backward_triton
+    return ops.gate_sum, ops.gate_sum_backward
+
+
 def readable(x: torch.Tensor) -> torch.Tensor:
     """x itself when the kernels can read it in place (see the module docstring), else a copy."""
     B, C, H, W = x.shape
