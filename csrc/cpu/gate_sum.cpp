@@ -208,6 +208,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Ten
   for (size_t i = 0; i < feats.size(); ++i) {
     grad_feats.push_back(at::empty(f0.sizes(), f0.options().memory_format(dense_format(feats[i]))));
     grad_gates.push_back(at::empty(f0.sizes(), f0.options().memory_format(dense_format(gates[i]))));
+    prefer_huge_pages(grad_feats.back());
+    prefer_huge_pages(grad_gates.back());
   }
   const Walk walk{fmt == at::MemoryFormat::ChannelsLast, f0.size(0), f0.size(1), f0.size(2) * f0.size(3)};
   const bool sums = scale.has_value() || shift.has_value();
