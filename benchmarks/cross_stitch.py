@@ -22,7 +22,6 @@ Bytes moved, N = B*C*H*W elements per task, s = element size (alpha ignored):
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import sys
@@ -115,30 +114,12 @@ def run(device: torch.device, quick: bool = False, impls: list[str] | None = Non
                     print(f"  {case.impl:8s} T={T} C={C} {str(dtype).removeprefix('torch.')}", flush=True)
                     rows += harness.run_case(case, settings)
                     del case
-                torch._dynamo.reset()
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                harness.release(device)
     return rows
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="T=3, C=64 only, fewer reps")
-    p.add_argument("--no-save", action="store_true", help="print only; don't append to benchmarks/results/")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--impls", help="comma-separated subset of eager,compile,cpu,cuda,triton")
-    return p.parse_args(argv)
 
 
 def main(argv=None) -> list[dict]:
-    args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device here")
-    rows = run(device, quick=args.quick, impls=args.impls.split(",") if args.impls else None)
-    harness.report(rows, device, save_results=not args.no_save, title=OP + (" (quick)" if args.quick else ""))
-    return rows
+    return harness.main(argv, __doc__, OP, run, quick_help="T=3, C=64 only, fewer reps")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ once), given by the caller; "% bw" is that over device_bandwidth_gbs().
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import functools
@@ -37,6 +38,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -508,3 +510,40 @@ def report(rows: list[dict], device, *, save_results: bool = True, title: str | 
     print(format_table(rows))
     if save_results and rows:
         print(f"appended {len(rows)} rows to {save(rows, device)}")
+
+
+def release(device: torch.device) -> None:
+    """Frees compiled graphs and cached memory between configurations."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def main(argv, doc: str, title: str, run, *, quick_help: str, full_help: str | None = None) -> list[dict]:
+    """The command line every benchmark shares: --quick, [--full,] --no-save, --device, --impls.
+
+    run(device, quick=, impls=[, full=]) returns the rows; they are printed and
+    (unless --no-save) appended to benchmarks/results/<device>.json.
+    """
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    if full_help:
+        p.add_argument("--full", action="store_true", help=full_help)
+    p.add_argument("--no-save", action="store_true", help="print only; don't append to benchmarks/results/")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--impls", help="comma-separated subset of eager,compile,cpu,cuda,triton")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device here")
+    extra = {"full": args.full} if full_help else {}
+    rows = run(device, quick=args.quick, impls=args.impls.split(",") if args.impls else None, **extra)
+    if args.quick:
+        grid = "quick"
+    elif full_help and not args.full and device.type == "cpu":
+        grid = "reduced CPU grid"
+    else:
+        grid = "full"
+    report(rows, device, save_results=not args.no_save, title=f"{title} ({grid})")
+    return rows
