@@ -15,7 +15,7 @@ import sys
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-BENCHMARKS = ["cross_stitch", "nddr", "distillation", "dense_loss", "gram", "balancing"]
+BENCHMARKS = ["cross_stitch", "nddr", "distillation", "dense_loss", "gram", "balancing", "models"]
 
 
 def main(argv=None) -> None:

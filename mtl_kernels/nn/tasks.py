@@ -38,3 +38,63 @@ def check_task_features(features, tasks: list[str], channels: int, module: str) 
 
 def _describe(x) -> str:
     return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+# Output channels of each dense prediction task of the survey (Vandenhende et
+# al.): None where it is the dataset's number of classes. The one place the
+# models (mtl_kernels.models) look these up.
+TASK_OUTPUTS: dict[str, int | None] = {
+    "semseg": None,  # classes: NYUD-v2 40, PASCAL-Context 21
+    "human_parts": None,  # classes: PASCAL-Context 7 (background + 6 parts)
+    "depth": 1,
+    "normals": 3,
+    "edge": 1,
+    "sal": 1,
+}
+# Class counts used when the caller gives none; semseg has no default (it
+# differs between the datasets, and a wrong one would fail silently).
+DEFAULT_CLASSES: dict[str, int] = {"human_parts": 7}
+
+
+def output_channels(tasks, num_classes=None, module: str = "output_channels") -> dict[str, int]:
+    """{task: output channels} for a list of known task names, or a dict given as is.
+
+    num_classes: an int (semseg's classes) or a dict {task: channels} that
+    overrides the table (also how to add a task the table lacks).
+    tasks may itself be a dict {task: channels}: taken as given.
+    """
+    if isinstance(tasks, dict):
+        names = check_tasks(list(tasks), module)
+        out = {t: tasks[t] for t in names}
+    else:
+        names = check_tasks(tasks, module)
+        if num_classes is None:
+            overrides = {}
+        elif isinstance(num_classes, int):
+            overrides = {"semseg": num_classes}
+        elif isinstance(num_classes, dict):
+            overrides = dict(num_classes)
+        else:
+            raise TypeError(f"{module}: num_classes must be an int or a dict {{task: channels}}, got {num_classes!r}")
+        out = {}
+        for t in names:
+            if t in overrides:
+                out[t] = overrides[t]
+            elif t not in TASK_OUTPUTS:
+                raise ValueError(
+                    f"{module}: unknown task {t!r}; known tasks are {sorted(TASK_OUTPUTS)} "
+                    "(or give its channels in num_classes={task: channels})"
+                )
+            elif TASK_OUTPUTS[t] is not None:
+                out[t] = TASK_OUTPUTS[t]
+            elif t in DEFAULT_CLASSES:
+                out[t] = DEFAULT_CLASSES[t]
+            else:
+                raise ValueError(
+                    f"{module}: task {t!r} needs its number of classes: num_classes=40 (NYUD-v2) "
+                    "or 21 (PASCAL-Context), or num_classes={task: classes}"
+                )
+    for t, c in out.items():
+        if not isinstance(c, int) or isinstance(c, bool) or c < 1:
+            raise ValueError(f"{module}: task {t!r} must have a positive int of output channels, got {c!r}")
+    return out

@@ -1,0 +1,130 @@
+"""The survey's architectures (Vandenhende et al. 2021) on the fused modules.
+
+    import mtl_kernels as mk
+    model = mk.models.build("mti_net", ["semseg", "depth"], num_classes=40,
+                            auxiliary_tasks=["normals", "edge"])
+    out = model(image)             # {task: [B, C_t, H, W]} at the image's size
+    out["deep_supervision"]        # PAD-Net, MTI-Net: intermediate predictions
+
+Models (MODELS; default backbone in brackets):
+    single_task    one backbone + head per task, nothing shared [resnet18]
+    multi_task     shared backbone, one head per task [resnet18]
+    cross_stitch   task-specific ResNets, mk.nn.CrossStitch after every stage [resnet18]
+    nddr_cnn       task-specific ResNets, mk.nn.NDDR after every stage [resnet18]
+    mtan           shared ResNet, per-task mk.nn.MTANAttention at every stage [resnet18]
+    pad_net        initial predictions, mk.nn.MultiModalDistillation, final heads [hrnet_w18_small_v2]
+    mti_net        per-scale predictions, FPM, distillation at each of 4 scales [hrnet_w18_small_v2]
+    jtrl           tasks refined in turn at increasing scales (simplified) [resnet18]
+Backbones (BACKBONES): resnet18, resnet50 (dilated, output stride 8), hrnet_w18_small_v2.
+Heads: DeepLab-v3 ASPP on a ResNet, the HRNet head on HRNet.
+
+Every model takes backend= for its fused modules ("reference": their plain
+PyTorch definitions; "cpu", "cuda", "triton", "auto"); the parameters and
+state_dict are the same whichever runs, and set_backend(model, name) switches.
+survey_modules=True (the models with soft sharing, distillation or attention)
+builds the survey code's plain modules instead; mk.convert(model) then swaps
+them for the fused ones with the same weights.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..nn.tasks import TASK_OUTPUTS, check_tasks, output_channels
+from ._base import DEEP_SUPERVISION, MultiTaskModel, set_backend
+from .backbones import BACKBONES, Backbone, HRNetBackbone, ResNetBackbone, build_backbone, check_backbone
+from .cross_stitch import CrossStitchNetwork
+from .heads import ASPP, DeepLabHead, HighResolutionFuse, HRNetHead, build_head
+from .jtrl import JTRL
+from .mtan import MTAN
+from .mti_net import MTINet
+from .multi_task import MultiTaskBaseline
+from .nddr_cnn import NDDRCNN
+from .padnet import PADNet
+from .single_task import SingleTaskBaseline
+
+MODELS: dict[str, type[MultiTaskModel]] = {
+    "single_task": SingleTaskBaseline,
+    "multi_task": MultiTaskBaseline,
+    "cross_stitch": CrossStitchNetwork,
+    "nddr_cnn": NDDRCNN,
+    "mtan": MTAN,
+    "pad_net": PADNet,
+    "mti_net": MTINet,
+    "jtrl": JTRL,
+}
+
+
+def build(
+    name: str,
+    tasks,
+    backbone: str | None = None,
+    *,
+    num_classes=None,
+    auxiliary_tasks=None,
+    backend: str | None = None,
+    pretrained: bool = False,
+    **kwargs,
+) -> nn.Module:
+    """Builds model `name` for `tasks`.
+
+    tasks: task names (semseg, human_parts, depth, normals, edge, sal), or a
+        dict {task: output channels} for tasks of your own.
+    backbone: one of BACKBONES; None: the model's default (see MODELS).
+    num_classes: semseg's classes (NYUD-v2 40, PASCAL-Context 21), or a dict
+        {task: channels} (human_parts defaults to 7).
+    auxiliary_tasks: pad_net and mti_net only: extra tasks predicted for deep
+        supervision and distilled from (NYUD: ["normals", "edge"]).
+    backend: the fused modules' backend; pretrained: timm weights (download).
+    kwargs: the model's own options (alpha=, beta=, channels=, head_kwargs=,
+        backbone_kwargs=, upsample=, survey_modules=, ...).
+    Unknown model, backbone or task names raise a ValueError listing the valid ones.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid models are {list(MODELS)}")
+    cls = MODELS[name]
+    out_channels = output_channels(tasks, num_classes, module=f"build({name!r})")
+    backbone = cls.default_backbone if backbone is None else backbone
+    cls.check_backbone(backbone)
+    if auxiliary_tasks:
+        if not cls.uses_auxiliary_tasks:
+            users = [n for n, c in MODELS.items() if c.uses_auxiliary_tasks]
+            raise ValueError(f"build({name!r}): this model has no auxiliary tasks (models that do: {users})")
+        extra = [a for a in check_tasks(auxiliary_tasks, f"build({name!r})") if a not in out_channels]
+        kwargs["auxiliary"] = output_channels(extra, num_classes, module=f"build({name!r})") if extra else {}
+    return cls(out_channels, backbone, backend=backend, pretrained=pretrained, **kwargs)
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = [
+    "ASPP",
+    "BACKBONES",
+    "DEEP_SUPERVISION",
+    "JTRL",
+    "MODELS",
+    "MTAN",
+    "NDDRCNN",
+    "TASK_OUTPUTS",
+    "Backbone",
+    "CrossStitchNetwork",
+    "DeepLabHead",
+    "HRNetBackbone",
+    "HRNetHead",
+    "HighResolutionFuse",
+    "MTINet",
+    "MultiTaskBaseline",
+    "MultiTaskModel",
+    "PADNet",
+    "ResNetBackbone",
+    "SingleTaskBaseline",
+    "build",
+    "build_backbone",
+    "build_head",
+    "check_backbone",
+    "num_parameters",
+    "output_channels",
+    "set_backend",
+]

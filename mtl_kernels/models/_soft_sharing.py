@@ -1,0 +1,48 @@
+"""Task-specific ResNets joined by a fusion unit after every stage (cross-stitch, NDDR-CNN)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._base import SOFT_SHARING_BACKBONES, MultiTaskModel
+from .heads import build_head
+
+
+class StageFusionNetwork(MultiTaskModel):
+    """One ResNet per task, run stage by stage; after stage i, units[i] maps
+    {task: features} -> {task: features}; then each task's DeepLab-v3 head.
+    Subclasses say which unit (make_unit)."""
+
+    backbones = SOFT_SHARING_BACKBONES
+
+    def __init__(
+        self,
+        out_channels: dict[str, int],
+        backbone: str = "resnet18",
+        *,
+        pretrained: bool = False,
+        backbone_kwargs: dict | None = None,
+        head_kwargs: dict | None = None,
+        backend: str | None = None,
+        upsample: bool = True,
+        survey_modules: bool = False,
+    ):
+        super().__init__(out_channels, backend=backend, upsample=upsample)
+        self.backbone = nn.ModuleDict(
+            {t: self.make_backbone(backbone, pretrained, backbone_kwargs) for t in self.tasks}
+        )
+        first = self.backbone[self.tasks[0]]
+        self.units = nn.ModuleList([self.make_unit(c, survey_modules) for c in first.channels])
+        self.heads = nn.ModuleDict(
+            {t: build_head(self.backbone[t], c, **(head_kwargs or {})) for t, c in self.out_channels.items()}
+        )
+
+    def make_unit(self, channels: int, survey_modules: bool) -> nn.Module:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = dict.fromkeys(self.tasks, x)
+        for i, unit in enumerate(self.units):
+            feats = unit({t: self.backbone[t].forward_stage(feats[t], i) for t in self.tasks})
+        return self.resize({t: self.heads[t](feats[t]) for t in self.tasks}, x.shape[-2:])
