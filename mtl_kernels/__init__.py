@@ -6,10 +6,22 @@ out = unit({"semseg": x_seg, "depth": x_depth})
 model = mk.convert(model)   # survey modules -> fused ones, same weights
 """
 
-from . import balancing, data, models, nn, ops, reference
+from . import balancing, data, metrics, models, nn, ops, reference, train
 from ._backend import available_backends, use_backend
 from .convert import convert
 
 __version__ = "0.1.0"
 
-__all__ = ["available_backends", "balancing", "convert", "data", "models", "nn", "ops", "reference", "use_backend"]
+__all__ = [
+    "available_backends",
+    "balancing",
+    "convert",
+    "data",
+    "metrics",
+    "models",
+    "nn",
+    "ops",
+    "reference",
+    "train",
+    "use_backend",
+]

@@ -1,0 +1,190 @@
+"""mtl_kernels.train: configs, a short training run on Scenes that lowers the loss, exact resume, DDP, errors."""
+
+import glob
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from mtl_kernels.train import ConfigError, Trainer, build_config, load_config
+from mtl_kernels.train.__main__ import main as cli_main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*", "*.yaml")))
+
+
+def tiny(tmp_path, **over):
+    """A config small enough for a few seconds of training on 2 cores."""
+    raw = {
+        "name": "tiny",
+        "output_root": str(tmp_path / "runs"),
+        "model": {"name": "multi_task", "backbone": "resnet18"},
+        "data": {
+            "dataset": "scenes",
+            "root": str(tmp_path / "cache"),
+            "tasks": ["semseg", "depth", "normals", "edge"],
+            "size": [64, 80],
+            "train_length": 8,
+            "val_length": 4,
+            "batch_size": 4,
+        },
+        "optimizer": {"lr": 1e-3},
+        "epochs": 2,
+        "num_images": 2,
+    }
+    for key, value in over.items():
+        node, *path = key.split("__")
+        target = raw
+        for k in [node, *path][:-1]:
+            target = target.setdefault(k, {})
+        target[[node, *path][-1]] = value
+    return build_config(raw)
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[os.path.relpath(p, ROOT) for p in CONFIGS])
+def test_every_shipped_config_is_valid(path):
+    cfg = load_config(path)
+    assert cfg["model"]["name"] and cfg["data"]["tasks"]
+
+
+def test_configs_cover_every_model_and_dataset():
+    from mtl_kernels.models import MODELS
+
+    names = {os.path.relpath(p, os.path.join(ROOT, "configs")) for p in CONFIGS}
+    for dataset in ("scenes", "nyud", "pascal"):
+        for model in MODELS:
+            assert f"{dataset}/{model}.yaml" in names
+
+
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        ({"name": "x", "model": {"name": "multi_task"}, "data": {"tasks": ["semseg"]}, "epochs": 0}, "epochs"),
+        ({"name": "x", "model": {"name": "multi_task"}, "data": {"tasks": ["semseg"]}, "optimzer": {}}, "optimzer"),
+        ({"name": "x", "model": {"name": "multi_task"}, "data": {"tasks": "semseg"}}, "data.tasks"),
+        ({"name": "x", "model": {"name": "multi_task"}}, "data"),
+        ({"name": "x", "model": {"name": "multi_task"}, "data": {"tasks": ["depth"], "dataset": "nyud"}}, "data.root"),
+        ({"name": "x", "model": {"name": "multi_task"}, "data": {"tasks": ["depth"]}, "amp": "fp8"}, "amp"),
+        ({"name": "x", "model": {"name": "multi_task"}, "data": {"tasks": ["depth"], "size": [64]}}, "data.size"),
+    ],
+)
+def test_a_broken_config_names_the_key(raw, match):
+    with pytest.raises(ConfigError, match=match):
+        build_config(raw)
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    assert cli_main(["--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_overrides(tmp_path):
+    path = os.path.join(ROOT, "configs", "scenes", "multi_task.yaml")
+    cfg = load_config(path, ["optimizer.lr=0.01", "data.tasks=[depth]", "epochs=3"])
+    assert cfg["optimizer"]["lr"] == 0.01 and cfg["data"]["tasks"] == ["depth"] and cfg["epochs"] == 3
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config(path, ["epochs"])
+
+
+def test_unknown_names_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="valid models"):
+        Trainer(tiny(tmp_path, model__name="nope"), progress=False)
+    with pytest.raises(ConfigError, match="balancing.method"):
+        Trainer(tiny(tmp_path, balancing__method="Magic"), progress=False)
+    with pytest.raises(ConfigError, match="shared backbone"):
+        Trainer(tiny(tmp_path, model__name="cross_stitch", balancing__method="MGDA"), progress=False).fit()
+
+
+def test_a_missing_dataset_directory_is_a_clear_error(tmp_path):
+    cfg = tiny(tmp_path, data__dataset="nyud", data__root=str(tmp_path / "nowhere"))
+    with pytest.raises((FileNotFoundError, ValueError), match="nowhere"):
+        Trainer(cfg, progress=False)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_training_lowers_the_loss_and_writes_its_outputs(tmp_path):
+    cfg = tiny(tmp_path, epochs=4, data__train_length=16)
+    results = Trainer(cfg, progress=False).fit()
+    losses = [r["train_loss"]["total"] for r in results["history"]]
+    assert losses[-1] < losses[0]
+    run = tmp_path / "runs" / "tiny"
+    for name in ("results.json", "last.pt", "best.pt", "loss_curves.png", "predictions.png"):
+        assert (run / name).is_file(), name
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["best_metrics"]["semseg"]["mIoU"] >= 0
+    assert set(saved["best_metrics"]) >= {"semseg", "depth", "normals", "edge"}
+
+
+def test_resume_reaches_the_same_state(tmp_path):
+    full = Trainer(tiny(tmp_path, name="full", epochs=3), progress=False)
+    full.fit()
+    part = Trainer(tiny(tmp_path, name="part", epochs=3), progress=False)
+    part.fit(until=2)  # interrupted after epoch 2
+    resumed = Trainer(tiny(tmp_path, name="part", epochs=3), resume=True, progress=False)
+    assert resumed.epoch == 2
+    resumed.fit()
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    assert full.history[-1]["train_loss"] == resumed.history[-1]["train_loss"]
+
+
+@pytest.mark.parametrize("method", ["Uncertainty", "DWA", "MGDA", "PCGrad"])
+def test_balancing_methods_train(tmp_path, method):
+    results = Trainer(tiny(tmp_path, epochs=1, balancing__method=method), progress=False).fit()
+    assert all(torch.isfinite(torch.tensor(v)) for v in results["history"][-1]["train_loss"].values())
+
+
+def test_deep_supervision_model_and_soft_sharing_learning_rate(tmp_path):
+    cfg = tiny(
+        tmp_path,
+        epochs=1,
+        model__name="pad_net",
+        model__backbone="resnet18",
+        data__tasks=["semseg", "depth"],
+        model__auxiliary_tasks=["normals", "edge"],
+    )
+    results = Trainer(cfg, progress=False).fit()
+    assert any("/" in k for k in results["history"][0]["train_loss"])  # the auxiliary tasks' intermediate losses
+    cs = Trainer(tiny(tmp_path, model__name="cross_stitch", optimizer__name="sgd"), progress=False)
+    lrs = sorted(g["lr"] for g in cs.optimizer.param_groups)
+    assert lrs == [pytest.approx(1e-3), pytest.approx(0.1)]
+
+
+def test_delta_m_against_single_task_metrics(tmp_path):
+    single = {"semseg": {"mIoU": 0.5}, "depth": {"rmse": 1.0}, "normals": {"mean": 30.0}, "edge": {"odsF": 0.5}}
+    results = Trainer(tiny(tmp_path, epochs=1, single_task_metrics=single), progress=False).fit()
+    assert isinstance(results["best_metrics"]["delta_m"], float)
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def _ddp_worker(rank, port, cfg):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
+    torch.set_num_threads(1)
+    Trainer(cfg, progress=False).fit()
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_processes_on_gloo(tmp_path):
+    cfg = tiny(tmp_path, epochs=1, data__batch_size=2, device="cpu")
+    Trainer(cfg, progress=False)  # generates the Scenes cache once, before the processes race for it
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, cfg), nprocs=2, join=True)
+    saved = json.loads((tmp_path / "runs" / "tiny" / "results.json").read_text())
+    assert saved["epochs"] == 1 and saved["best_metrics"] is not None
