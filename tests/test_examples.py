@@ -30,3 +30,14 @@ def test_demo_dense_loss():
     for balancer in ("uncertainty", "dwa", "nyud"):
         out = run_example("demo_dense_loss.py", "--steps", "6", "--balancer", balancer)
         assert "largest difference from the reference loss" in out
+
+
+def test_main_job(tmp_path):
+    out = run_example(
+        "main_job.py",
+        *("--epochs", "1", "--train-length", "16", "--val-length", "8", "--models", "cross_stitch"),
+        *("--out", str(tmp_path / "main")),
+    )
+    assert "| cross_stitch |" in out and "x reference" in out
+    assert (tmp_path / "main" / "summary.json").is_file()
+    assert (tmp_path / "main" / "cross_stitch" / "predictions.png").is_file()
