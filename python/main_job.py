@@ -62,9 +62,9 @@ def step_time(cfg: dict, steps: int = 4) -> float:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--size", type=int, nargs=2, default=[64, 80])
-    p.add_argument("--train-length", type=int, default=192)
+    p.add_argument("--train-length", type=int, default=160)
     p.add_argument("--val-length", type=int, default=48)
     p.add_argument("--models", default="multi_task,cross_stitch,mtan")
     p.add_argument("--out", default=os.path.join("runs", "main"))
