@@ -188,3 +188,18 @@ def test_ddp_two_processes_on_gloo(tmp_path):
     mp.spawn(_ddp_worker, args=(port, cfg), nprocs=2, join=True)
     saved = json.loads((tmp_path / "runs" / "tiny" / "results.json").read_text())
     assert saved["epochs"] == 1 and saved["best_metrics"] is not None
+
+
+def test_preset_weights_reach_the_auxiliary_tasks(tmp_path):
+    cfg = tiny(
+        tmp_path,
+        model__name="pad_net",
+        model__backbone="resnet18",
+        data__tasks=["semseg", "depth"],
+        model__auxiliary_tasks=["normals", "edge"],
+        loss__weights="nyud",
+    )
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.weights == {"semseg": 1.0, "depth": 1.0, "normals": 10.0, "edge": 50.0}
+    with pytest.raises(ConfigError, match="every task"):
+        Trainer(tiny(tmp_path, loss__weights={"semseg": 1.0}), progress=False)

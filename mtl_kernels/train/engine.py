@@ -63,19 +63,25 @@ def make_datasets(cfg: dict):
     )
 
 
-def loss_weights(cfg: dict, tasks: list[str]):
-    """The loss's fixed weights: None (all 1), a Fixed preset, or the config's dict."""
+def loss_weights(cfg: dict, tasks: list[str], auxiliary: list[str] = ()):
+    """The loss's fixed weights for the tasks and the auxiliary (deep-supervision only) tasks: None (all 1),
+    a preset of the survey (its weight, or 1 for a task it does not list), or the config's dict (a weight for
+    every task; auxiliary tasks it leaves out get 1)."""
     w = cfg["loss"]["weights"]
+    everything = list(dict.fromkeys([*tasks, *auxiliary]))
     if w == "ew":
         return None
     if isinstance(w, str):
         if w not in balancing.PRESETS:
             raise ConfigError(f"config: loss.weights must be 'ew', one of {sorted(balancing.PRESETS)} or a dict")
         table = balancing.PRESETS[w]
-        return {t: float(table.get(t, 1.0)) for t in tasks}
-    if not isinstance(w, dict) or set(w) - set(tasks) or set(tasks) - set(w):
-        raise ConfigError(f"config: loss.weights as a dict must give a weight for exactly the tasks {tasks}, got {w}")
-    return {t: float(v) for t, v in w.items()}
+        return {t: float(table.get(t, 1.0)) for t in everything}
+    if not isinstance(w, dict) or set(w) - set(everything) or set(tasks) - set(w):
+        raise ConfigError(
+            f"config: loss.weights as a dict must give a weight for every task of {tasks} (and may for the "
+            f"auxiliary tasks {[t for t in everything if t not in tasks]}), got {w}"
+        )
+    return {t: float(w.get(t, 1.0)) for t in everything}
 
 
 def make_balancer(cfg: dict, tasks: list[str]):
@@ -203,10 +209,13 @@ class Trainer:
         if self.balancer is not None:
             self.balancer.to(self.device)
         self.gradient_level = isinstance(self.balancer, balancing.GradientBalancer)
-        self.weights = loss_weights(cfg, self.tasks)
-        main_weights = self.weights if self.balancer is None or self.gradient_level else self.balancer
-        self.loss = mknn.DenseMultiTaskLoss(self.tasks, main_weights, backend=cfg["loss"]["backend"]).to(self.device)
         self.target_tasks = list(dict.fromkeys([*self.tasks, *(m["auxiliary_tasks"] or [])]))
+        self.weights = loss_weights(cfg, self.tasks, self.target_tasks)
+        if self.balancer is not None and not self.gradient_level:
+            main_weights = self.balancer
+        else:
+            main_weights = None if self.weights is None else {t: self.weights[t] for t in self.tasks}
+        self.loss = mknn.DenseMultiTaskLoss(self.tasks, main_weights, backend=cfg["loss"]["backend"]).to(self.device)
         self._deep_losses: dict[tuple[str, ...], nn.Module] = {}
 
         extra = [p for p in self.balancer.parameters()] if self.balancer is not None else []
@@ -277,7 +286,7 @@ class Trainer:
         """The loss of one stage of intermediate predictions (at the features' resolution: upsampled inside
         the fused loss), each task with its final prediction's weight (1 for auxiliary tasks)."""
         if tasks not in self._deep_losses:
-            w = None if self.weights is None else {t: self.weights.get(t, 1.0) for t in tasks}
+            w = None if self.weights is None else {t: self.weights[t] for t in tasks}
             loss = mknn.DenseMultiTaskLoss(list(tasks), w, upsample=True, backend=self.cfg["loss"]["backend"])
             self._deep_losses[tasks] = loss.to(self.device)
         return self._deep_losses[tasks]
