@@ -179,8 +179,9 @@ def _ddp_worker(rank, port, cfg):
     torch.distributed.destroy_process_group()
 
 
-def test_ddp_two_processes_on_gloo(tmp_path):
-    cfg = tiny(tmp_path, epochs=1, data__batch_size=2, device="cpu")
+@pytest.mark.parametrize("method", [None, "MGDA"])
+def test_ddp_two_processes_on_gloo(tmp_path, method):
+    cfg = tiny(tmp_path, epochs=1, data__batch_size=2, device="cpu", balancing__method=method)
     Trainer(cfg, progress=False)  # generates the Scenes cache once, before the processes race for it
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

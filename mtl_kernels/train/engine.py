@@ -373,8 +373,6 @@ class Trainer:
     def evaluate(self, dataset=None) -> dict:
         """{task: {metric: value}} on the validation split (or `dataset`), plus "delta_m" when the
         single-task metrics are known."""
-        if self.world > 1 and self.gradient_level:
-            self._broadcast_state()
         self.model.eval()
         meter = metrics.MultiTaskMetrics(self.tasks, **self.metric_kwargs())
         for batch in self.loader(dataset or self.val_set, train=False):
@@ -421,6 +419,8 @@ class Trainer:
             self.epoch += 1
             record = {"epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"], "train_loss": losses}
             if self.epoch % cfg["eval_every"] == 0 or self.epoch == cfg["epochs"]:
+                if self.world > 1 and self.gradient_level:  # a plain module: rank 0's BN statistics everywhere
+                    self._broadcast_state()
                 if self.rank == 0:
                     record["val"] = self.evaluate()
                 if self.world > 1:
