@@ -67,6 +67,13 @@ class MultiTaskModel(nn.Module):
         self.backbone_name, self.backbone_kind = backbone.name, backbone.kind
         return backbone
 
+    def with_auxiliary(self, auxiliary: dict[str, int] | None) -> dict[str, int]:
+        """{task: channels} of the tasks, then the auxiliary ones (predicted for deep supervision and
+        distilled from); sets self.auxiliary_tasks to those names in that order."""
+        self.auxiliary_tasks = self.tasks + [a for a in (auxiliary or {}) if a not in self.tasks]
+        channels = {**self.out_channels, **(auxiliary or {})}
+        return {a: channels[a] for a in self.auxiliary_tasks}
+
     def resize(self, out: dict[str, torch.Tensor], size) -> dict[str, torch.Tensor]:
         if not self.upsample:
             return out

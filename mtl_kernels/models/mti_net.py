@@ -112,9 +112,7 @@ class MTINet(MultiTaskModel):
         survey_modules: bool = False,
     ):
         super().__init__(out_channels, backend=backend, upsample=upsample)
-        self.auxiliary_tasks = self.tasks + [a for a in (auxiliary or {}) if a not in self.tasks]
-        aux_channels = {**self.out_channels, **(auxiliary or {})}
-        aux_channels = {a: aux_channels[a] for a in self.auxiliary_tasks}
+        aux_channels = self.with_auxiliary(auxiliary)
         self.backbone = self.make_backbone(backbone, pretrained, backbone_kwargs)
         ch = self.backbone.channels
         n = len(ch)

@@ -75,9 +75,7 @@ class PADNet(MultiTaskModel):
         survey_modules: bool = False,
     ):
         super().__init__(out_channels, backend=backend, upsample=upsample)
-        self.auxiliary_tasks = self.tasks + [a for a in (auxiliary or {}) if a not in self.tasks]
-        aux_channels = {**self.out_channels, **(auxiliary or {})}
-        aux_channels = {a: aux_channels[a] for a in self.auxiliary_tasks}
+        aux_channels = self.with_auxiliary(auxiliary)
         self.backbone = self.make_backbone(backbone, pretrained, backbone_kwargs)
         if self.backbone.kind == "hrnet":
             self.fuse = HighResolutionFuse(self.backbone.channels, channels)
