@@ -299,12 +299,11 @@ class Trainer:
         with self.autocast():
             out = self.net(image)
         final, deep = split_outputs(out, self.tasks)
-        total, parts = self.loss({t: final[t].float() for t in self.tasks}, targets)
+        # No .float() copies: the fused loss reads bf16 / fp16 logits and accumulates in fp32 itself.
+        total, parts = self.loss(final, targets)
         if self.cfg["loss"]["deep_supervision"]:
             for stage, preds in deep.items():
-                stage_total, stage_parts = self.deep_loss(tuple(preds))(
-                    {t: p.float() for t, p in preds.items()}, targets
-                )
+                stage_total, stage_parts = self.deep_loss(tuple(preds))(preds, targets)
                 total = total + stage_total
                 for t, v in stage_parts.items():
                     if t in parts:  # each task's deep supervision goes with its own loss (gradient balancing)
