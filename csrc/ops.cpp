@@ -48,6 +48,11 @@ TORCH_LIBRARY(mtl_kernels, m) {
   m.def(
       "gate_sum_backward(Tensor[] grad_outs, Tensor[] feats, Tensor[] gates, int[] targets, Tensor? scale,"
       " Tensor? shift) -> (Tensor[], Tensor[], Tensor, Tensor)");
+  // The same, writing grad_feats / grad_gates into tensors the caller allocated (channel
+  // slices of one stacked gradient, say: PAD-Net's); returns (grad_scale, grad_shift).
+  m.def(
+      "gate_sum_backward_out(Tensor[] grad_outs, Tensor[] feats, Tensor[] gates, int[] targets, Tensor? scale,"
+      " Tensor? shift, Tensor(a!)[] grad_feats, Tensor(b!)[] grad_gates) -> (Tensor, Tensor)");
 
   // The survey's dense losses (mtl_kernels/reference/dense_loss.py is the definition), each a sum
   // of terms over pred [B, C, H, W] (NCHW or channels_last), in one pass that also writes the

@@ -83,14 +83,17 @@ def test_distillation_compiles_fullgraph(backend):
         torch.testing.assert_close(out[t], expected[t])
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])  # None: BN's cumulative average
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_mtan_attention_equals_survey_layer(backend):
+def test_mtan_attention_equals_survey_layer(backend, momentum):
     survey = AttentionLayer(8, 4, 6).double()
     with torch.no_grad():
         for p in survey.parameters():
             p.add_(0.1 * torch.randn_like(p))
     fused = mk.nn.MTANAttention(8, 4, 6, backend=backend).double()
     fused.load_state_dict(survey.state_dict())
+    for bn in (survey[1], survey[4], fused[1], fused[4]):
+        bn.momentum = momentum
     assert list(fused.state_dict()) == list(survey.state_dict())
     for _ in range(3):  # training steps: same outputs, gradients and running statistics
         x = torch.randn(2, 8, 5, 7, dtype=torch.float64, requires_grad=True)
@@ -102,8 +105,9 @@ def test_mtan_attention_equals_survey_layer(backend):
         want = torch.autograd.grad(expected, [x, u, *survey.parameters()], g)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b)
-    torch.testing.assert_close(fused[4].running_var, survey[4].running_var)
-    torch.testing.assert_close(fused[1].running_mean, survey[1].running_mean)
+    for i in (1, 4):
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(fused[i], name), getattr(survey[i], name))
     fused.eval()
     survey.eval()
     x = torch.randn(2, 8, 5, 7, dtype=torch.float64)

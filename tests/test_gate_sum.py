@@ -98,6 +98,42 @@ def test_gradcheck_and_opcheck(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("affine", [False, True])
+def test_backward_out_writes_into_stacked_slices(device, backend, layout, affine):
+    """backward_out, writing into channel slices of one stacked gradient per source
+    (what MultiModalDistillation does), equals the allocating backward."""
+    from mtl_kernels.ops.gate_sum import fused_ops
+
+    stacked, _, feats, gates, targets, (scale, shift) = padnet_inputs(
+        3, (2, 4, 5, 6), torch.float32, device, layout=layout, affine=affine
+    )
+    feats, gates = [f.detach() for f in feats], [g.detach() for g in gates]
+    scale, shift = (None, None) if scale is None else (scale.detach(), shift.detach())
+    grad_outs = [torch.randn_like(feats[0]) for _ in range(3)]
+    _, backward, backward_out = fused_ops(backend)
+    want_f, want_g, want_scale, want_shift = backward(grad_outs, feats, gates, targets, scale, shift)
+    grads = [torch.full_like(s, float("nan")) for s in stacked]  # every channel must be written
+    C = feats[0].shape[1]
+    into_f = [grads[i // 2][:, 2 * (i % 2) * C : (2 * (i % 2) + 1) * C] for i in range(len(feats))]
+    into_g = [grads[i // 2][:, (2 * (i % 2) + 1) * C : (2 * (i % 2) + 2) * C] for i in range(len(feats))]
+    got_scale, got_shift = backward_out(grad_outs, feats, gates, targets, scale, shift, into_f, into_g)
+    assert all(torch.isfinite(g).all() for g in grads)
+    for got, want in zip(into_f + into_g, list(want_f) + list(want_g)):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_scale, want_scale)
+    torch.testing.assert_close(got_shift, want_shift)
+    torch.library.opcheck(backward_out, (grad_outs, feats, gates, targets, scale, shift, into_f, into_g))
+    with pytest.raises((RuntimeError, ValueError), match="one tensor per pair"):
+        backward_out(grad_outs, feats, gates, targets, scale, shift, into_f[:1], into_g)
+    with pytest.raises((RuntimeError, ValueError), match="match feats in shape"):
+        backward_out(grad_outs, feats, gates, targets, scale, shift, [f[:, :1] for f in into_f], into_g)
+    wide = torch.empty(2, 4, 5, 12, device=device)[..., :6]  # H and W do not merge
+    with pytest.raises((RuntimeError, ValueError), match="mergeable"):
+        backward_out(grad_outs, feats, gates, targets, scale, shift, [wide] * len(feats), into_g)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
 def test_extreme_gates_stay_finite(device, backend):
     _, res, feats, gates, targets, _ = padnet_inputs(2, (1, 2, 3, 3), torch.float32, device)
     gates = [torch.full_like(g, v) for g, v in zip(gates, (-1e4, 1e4))]

@@ -64,12 +64,13 @@ struct Walk {  // rows of the outputs' layout
 #include "cpu/isa_variants.h"
 
 template <bool kVec, typename scalar_t, typename acc_t>
-void gate_row_dispatch(acc_t* acc, int64_t n, const scalar_t* f, int64_t fs, const scalar_t* g, int64_t gs,
-                       const acc_t* sc, const acc_t* sh) {
+void output_row_dispatch(scalar_t* out, const scalar_t* res, int64_t n, int64_t pairs, const scalar_t* const* f,
+                         const int64_t* fs, const scalar_t* const* g, const int64_t* gs, const acc_t* sc,
+                         const acc_t* sh) {
   switch (best_isa()) {
-    case Isa::kAvx512: return isa_avx512::gate_row<kVec>(acc, n, f, fs, g, gs, sc, sh);
-    case Isa::kAvx2: return isa_avx2::gate_row<kVec>(acc, n, f, fs, g, gs, sc, sh);
-    default: return isa_base::gate_row<kVec>(acc, n, f, fs, g, gs, sc, sh);
+    case Isa::kAvx512: return isa_avx512::output_row<kVec>(out, res, n, pairs, f, fs, g, gs, sc, sh);
+    case Isa::kAvx2: return isa_avx2::output_row<kVec>(out, res, n, pairs, f, fs, g, gs, sc, sh);
+    default: return isa_base::output_row<kVec>(out, res, n, pairs, f, fs, g, gs, sc, sh);
   }
 }
 
@@ -136,30 +137,27 @@ std::vector<at::Tensor> gate_sum_cpu(at::TensorList residuals_in, at::TensorList
     const acc_t *scp = sc.const_data_ptr<acc_t>(), *shp = sh.const_data_ptr<acc_t>();
     const int64_t n = walk.len();
     at::parallel_for(0, walk.rows(), std::max<int64_t>(1, kGrain / n), [&](int64_t r0, int64_t r1) {
-      std::vector<acc_t> acc(n);
+      // this row's pairs of each output: pointers to their rows, and the steps along them
+      std::vector<const scalar_t*> fp(f.size()), gp(f.size());
+      std::vector<int64_t> fs(f.size()), gs(f.size());
       for (int64_t r = r0; r < r1; ++r) {
+        const int64_t c = walk.channels_last ? 0 : r % walk.C;
         for (int64_t t = 0; t < num_outputs; ++t) {
-          if (res.empty()) {
-            std::fill(acc.begin(), acc.end(), acc_t(0));
-          } else {  // residuals are in the outputs' dense layout: unit stride along the row
-            const scalar_t* rp = res[t].ptr + walk.row(res[t], r).first;
-            for (int64_t k = 0; k < n; ++k) acc[k] = static_cast<acc_t>(rp[k]);
-          }
+          int64_t pairs = 0;
           for (size_t i = 0; i < f.size(); ++i) {
             if (targets[i] != t) continue;
-            auto [fo, fs] = walk.row(f[i], r);
-            auto [go, gs] = walk.row(g[i], r);
-            if (walk.channels_last)
-              gate_row_dispatch<true>(acc.data(), n, f[i].ptr + fo, fs, g[i].ptr + go, gs, scp, shp);
-            else
-              gate_row_dispatch<false>(acc.data(), n, f[i].ptr + fo, fs, g[i].ptr + go, gs, scp + r % walk.C, shp + r % walk.C);
+            auto [fo, fst] = walk.row(f[i], r);
+            auto [go, gst] = walk.row(g[i], r);
+            fp[pairs] = f[i].ptr + fo, fs[pairs] = fst, gp[pairs] = g[i].ptr + go, gs[pairs] = gst;
+            ++pairs;
           }
-          auto [oo, os] = walk.row(out[t], r);
-          scalar_t* op = out[t].ptr + oo;
-          if (os == 1)
-            for (int64_t k = 0; k < n; ++k) op[k] = static_cast<scalar_t>(acc[k]);
+          // outputs and residuals are dense in the outputs' layout: unit stride along the row
+          scalar_t* op = out[t].ptr + walk.row(out[t], r).first;
+          const scalar_t* rp = res.empty() ? nullptr : res[t].ptr + walk.row(res[t], r).first;
+          if (walk.channels_last)
+            output_row_dispatch<true>(op, rp, n, pairs, fp.data(), fs.data(), gp.data(), gs.data(), scp, shp);
           else
-            for (int64_t k = 0; k < n; ++k) op[k * os] = static_cast<scalar_t>(acc[k]);
+            output_row_dispatch<false>(op, rp, n, pairs, fp.data(), fs.data(), gp.data(), gs.data(), scp + c, shp + c);
         }
       }
     });
@@ -167,24 +165,31 @@ std::vector<at::Tensor> gate_sum_cpu(at::TensorList residuals_in, at::TensorList
   return outs;
 }
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor> gate_sum_backward_cpu(
-    at::TensorList grad_outs_in, at::TensorList feats, at::TensorList gates, at::IntArrayRef targets,
-    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift) {
+// An output gradient the caller passes in: feats[0]'s shape, dtype and device,
+// and a layout the row loops can write (H and W merge into one pixel axis).
+void check_grad_out(const at::Tensor& g, const at::Tensor& f0, const char* name, size_t i) {
+  TORCH_CHECK(g.sizes() == f0.sizes() && g.scalar_type() == f0.scalar_type() && g.device() == f0.device(),
+              "gate_sum_backward_out: ", name, "[", i, "] must match feats in shape, dtype and device");
+  TORCH_CHECK(g.size(2) == 1 || g.size(3) == 1 || g.stride(2) == g.size(3) * g.stride(3),
+              "gate_sum_backward_out: ", name, "[", i, "] must have its H and W axes mergeable into one");
+}
+
+// Writes grad_feats and grad_gates (allocated by the caller, any layout the
+// row loops read) and returns (grad_scale, grad_shift).
+std::tuple<at::Tensor, at::Tensor> gate_sum_backward_into(at::TensorList grad_outs_in, at::TensorList feats,
+                                                          at::TensorList gates, at::IntArrayRef targets,
+                                                          const std::optional<at::Tensor>& scale,
+                                                          const std::optional<at::Tensor>& shift,
+                                                          at::TensorList grad_feats, at::TensorList grad_gates) {
   const int64_t num_outputs = grad_outs_in.size();
   check(feats, gates, targets, num_outputs, scale, shift);
   const at::Tensor& f0 = feats[0];
   for (const auto& g : grad_outs_in)
     TORCH_CHECK(g.sizes() == f0.sizes() && g.scalar_type() == f0.scalar_type() && g.device() == f0.device(),
                 "gate_sum_backward: grad_outs must match feats in shape, dtype and device");
-  const auto fmt = dense_format(grad_outs_in[0]);
+  // walk the features' layout: they and their gradients are 4 of the 5 streams
+  const auto fmt = dense_format(f0);
   const auto grad_outs = in_format(grad_outs_in, fmt);
-  std::vector<at::Tensor> grad_feats, grad_gates;
-  for (size_t i = 0; i < feats.size(); ++i) {
-    grad_feats.push_back(at::empty(f0.sizes(), f0.options().memory_format(dense_format(feats[i]))));
-    grad_gates.push_back(at::empty(f0.sizes(), f0.options().memory_format(dense_format(gates[i]))));
-    prefer_huge_pages(grad_feats.back());
-    prefer_huge_pages(grad_gates.back());
-  }
   const Walk walk{fmt == at::MemoryFormat::ChannelsLast, f0.size(0), f0.size(1), f0.size(2) * f0.size(3)};
   const bool sums = scale.has_value() || shift.has_value();
   const auto acc_type = f0.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -234,13 +239,47 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Ten
       });
     });
   }
-  const auto empty = at::empty({0}, f0.options().dtype(at::kFloat));
-  if (!sums) return {grad_feats, grad_gates, empty, empty};
+  const auto empty = [&] { return at::empty({0}, f0.options().dtype(at::kFloat)); };
+  if (!sums) return {empty(), empty()};
   // NCHW rows are (b, c): sum over b; channels_last chunks: sum over chunks.
   const at::Tensor total = walk.channels_last ? partial.sum(0) : partial.view({walk.B, walk.C, 2}).sum(0).t();
-  const at::Tensor grad_scale = scale.has_value() ? total[1].to(scale->scalar_type()).contiguous() : empty;
-  const at::Tensor grad_shift = shift.has_value() ? total[0].to(shift->scalar_type()).contiguous() : empty;
+  // copies: the two results must not share total's storage
+  const at::Tensor grad_scale = scale.has_value() ? total[1].to(scale->scalar_type(), false, true) : empty();
+  const at::Tensor grad_shift = shift.has_value() ? total[0].to(shift->scalar_type(), false, true) : empty();
+  return {grad_scale, grad_shift};
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor> gate_sum_backward_cpu(
+    at::TensorList grad_outs, at::TensorList feats, at::TensorList gates, at::IntArrayRef targets,
+    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift) {
+  check(feats, gates, targets, grad_outs.size(), scale, shift);
+  const at::Tensor& f0 = feats[0];
+  std::vector<at::Tensor> grad_feats, grad_gates;
+  for (size_t i = 0; i < feats.size(); ++i) {
+    grad_feats.push_back(at::empty(f0.sizes(), f0.options().memory_format(dense_format(feats[i]))));
+    grad_gates.push_back(at::empty(f0.sizes(), f0.options().memory_format(dense_format(gates[i]))));
+    prefer_huge_pages(grad_feats.back());
+    prefer_huge_pages(grad_gates.back());
+  }
+  auto [grad_scale, grad_shift] =
+      gate_sum_backward_into(grad_outs, feats, gates, targets, scale, shift, grad_feats, grad_gates);
   return {grad_feats, grad_gates, grad_scale, grad_shift};
+}
+
+std::tuple<at::Tensor, at::Tensor> gate_sum_backward_out_cpu(at::TensorList grad_outs, at::TensorList feats,
+                                                             at::TensorList gates, at::IntArrayRef targets,
+                                                             const std::optional<at::Tensor>& scale,
+                                                             const std::optional<at::Tensor>& shift,
+                                                             at::TensorList grad_feats, at::TensorList grad_gates) {
+  check(feats, gates, targets, grad_outs.size(), scale, shift);
+  TORCH_CHECK(grad_feats.size() == feats.size() && grad_gates.size() == feats.size(),
+              "gate_sum_backward_out: grad_feats and grad_gates must hold one tensor per pair (", feats.size(),
+              "), got ", grad_feats.size(), " and ", grad_gates.size());
+  for (size_t i = 0; i < feats.size(); ++i) {
+    check_grad_out(grad_feats[i], feats[0], "grad_feats", i), check_grad_out(grad_gates[i], feats[0], "grad_gates", i);
+    prefer_huge_pages(grad_feats[i]), prefer_huge_pages(grad_gates[i]);
+  }
+  return gate_sum_backward_into(grad_outs, feats, gates, targets, scale, shift, grad_feats, grad_gates);
 }
 
 }  // namespace
@@ -248,6 +287,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Ten
 TORCH_LIBRARY_IMPL(mtl_kernels, CPU, m) {
   m.impl("gate_sum", &gate_sum_cpu);
   m.impl("gate_sum_backward", &gate_sum_backward_cpu);
+  m.impl("gate_sum_backward_out", &gate_sum_backward_out_cpu);
 }
 
 }  // namespace mtl_kernels

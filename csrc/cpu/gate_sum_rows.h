@@ -7,21 +7,59 @@
 __attribute__((always_inline)) inline float sigmoid(float x) { return 1.0f / (1.0f + exp_vec(-x)); }
 inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }  // exp(-x) = inf gives 0, no NaN
 
-// One row of one pair, forward: acc[k] += f[k] * sigmoid(g[k] * scale + shift).
-// kVec: scale/shift vary along the row (channels_last) or not (NCHW); the
+// One row of one pair, forward: dst[k] = src[k] + f[k] * sigmoid(g[k] * scale + shift),
+// src = nullptr adding nothing. dst and src are the running sum (acc_t) or the
+// residual and output rows (scalar_t), and may be the same array. kVec:
+// scale/shift vary along the row (channels_last) or not (NCHW); the
 // unit-stride case is its own loop so that it vectorises.
-template <bool kVec, typename scalar_t, typename acc_t>
-inline void gate_row(acc_t* __restrict acc, int64_t n, const scalar_t* __restrict f, int64_t fs,
-                     const scalar_t* __restrict g, int64_t gs,
-                     const acc_t* sc, const acc_t* sh) {
-  auto term = [&](int64_t k, acc_t fv, acc_t gv) {
+template <bool kVec, typename D, typename S, typename scalar_t, typename acc_t>
+inline void gate_row(D* dst, const S* src, int64_t n, const scalar_t* __restrict f, int64_t fs,
+                     const scalar_t* __restrict g, int64_t gs, const acc_t* sc, const acc_t* sh) {
+  auto term = [&](int64_t k, int64_t fk, int64_t gk) {
     const acc_t a = kVec ? sc[k] : sc[0], b = kVec ? sh[k] : sh[0];
-    return fv * sigmoid(gv * a + b);
+    return static_cast<acc_t>(f[fk]) * sigmoid(static_cast<acc_t>(g[gk]) * a + b);
   };
-  if (fs == 1 && gs == 1) {
-    for (int64_t k = 0; k < n; ++k) acc[k] += term(k, static_cast<acc_t>(f[k]), static_cast<acc_t>(g[k]));
-  } else {
-    for (int64_t k = 0; k < n; ++k) acc[k] += term(k, static_cast<acc_t>(f[k * fs]), static_cast<acc_t>(g[k * gs]));
+  auto base = [&](int64_t k) { return src ? static_cast<acc_t>(src[k]) : acc_t(0); };
+  if (fs == 1 && gs == 1 && src)
+    for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<D>(static_cast<acc_t>(src[k]) + term(k, k, k));
+  else if (fs == 1 && gs == 1)
+    for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<D>(term(k, k, k));
+  else
+    for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<D>(base(k) + term(k, k * fs, k * gs));
+}
+
+// One output row, forward: out[k] = res[k] (0 without residual) + sum over its
+// pairs p of f[p][k] * sigmoid(g[p][k] * scale + shift). out and res are dense
+// along the row. The row goes in chunks so that the running sum stays in L1;
+// the first pair reads the residual and the last writes the output, so each
+// element of memory is touched once.
+template <bool kVec, typename scalar_t, typename acc_t>
+inline void output_row(scalar_t* __restrict out, const scalar_t* __restrict res, int64_t n, int64_t pairs,
+                       const scalar_t* const* f, const int64_t* fs, const scalar_t* const* g, const int64_t* gs,
+                       const acc_t* sc, const acc_t* sh) {
+  constexpr int64_t kChunk = 512;
+  acc_t acc[kChunk];
+  for (int64_t k0 = 0; k0 < n; k0 += kChunk) {
+    const int64_t m = std::min(kChunk, n - k0);
+    const scalar_t* r = res ? res + k0 : nullptr;
+    scalar_t* o = out + k0;
+    if (pairs == 0) {
+      for (int64_t k = 0; k < m; ++k) o[k] = r ? r[k] : scalar_t(0);
+      continue;
+    }
+    for (int64_t p = 0; p < pairs; ++p) {
+      const scalar_t *fp = f[p] + k0 * fs[p], *gp = g[p] + k0 * gs[p];
+      const acc_t *a = kVec ? sc + k0 : sc, *b = kVec ? sh + k0 : sh;
+      const bool first = p == 0, last = p == pairs - 1;
+      if (first && last)
+        gate_row<kVec>(o, r, m, fp, fs[p], gp, gs[p], a, b);
+      else if (first)
+        gate_row<kVec>(acc, r, m, fp, fs[p], gp, gs[p], a, b);
+      else if (last)
+        gate_row<kVec>(o, static_cast<const acc_t*>(acc), m, fp, fs[p], gp, gs[p], a, b);
+      else
+        gate_row<kVec>(acc, static_cast<const acc_t*>(acc), m, fp, fs[p], gp, gs[p], a, b);
+    }
   }
 }
 

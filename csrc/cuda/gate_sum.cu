@@ -427,27 +427,27 @@ std::vector<at::Tensor> gate_sum_cuda(at::TensorList residuals_in, at::TensorLis
   return outs;
 }
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor> gate_sum_backward_cuda(
-    at::TensorList grad_outs_in, at::TensorList feats_in, at::TensorList gates_in, at::IntArrayRef targets,
-    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift) {
+// Writes grad_feats and grad_gates (allocated by the caller, any layout whose
+// H and W merge) and returns (grad_scale, grad_shift).
+std::tuple<at::Tensor, at::Tensor> gate_sum_backward_into(at::TensorList grad_outs_in, at::TensorList feats_in,
+                                                          at::TensorList gates_in, at::IntArrayRef targets,
+                                                          const std::optional<at::Tensor>& scale,
+                                                          const std::optional<at::Tensor>& shift,
+                                                          at::TensorList grad_feats, at::TensorList grad_gates) {
   TORCH_CHECK(!grad_outs_in.empty(), "gate_sum_backward: grad_outs must hold at least one tensor");
   check_args(feats_in, gates_in, targets, static_cast<int64_t>(grad_outs_in.size()), scale, shift);
   const at::Tensor& f0 = feats_in[0];
   for (size_t t = 0; t < grad_outs_in.size(); ++t) check_like(grad_outs_in[t], f0, "grad_outs", t);
   const at::cuda::OptionalCUDAGuard guard(f0.device());
 
-  const at::MemoryFormat fmt = dense_format(grad_outs_in[0]);
+  // walk the features' layout: they and their gradients are 4 of the 5 streams
+  const at::MemoryFormat fmt = dense_format(f0);
   const std::vector<at::Tensor> grad_outs = in_format(grad_outs_in, fmt);
-  std::vector<at::Tensor> grad_feats, grad_gates;
-  for (size_t i = 0; i < feats_in.size(); ++i) {
-    grad_feats.push_back(at::empty(f0.sizes(), f0.options().memory_format(dense_format(feats_in[i]))));
-    grad_gates.push_back(at::empty(f0.sizes(), f0.options().memory_format(dense_format(gates_in[i]))));
-  }
   auto none = [&] { return at::empty({0}, f0.options().dtype(at::kFloat)); };
   const bool sums = scale.has_value() || shift.has_value();
   if (f0.numel() == 0) {
     auto zeros = [&](const std::optional<at::Tensor>& v) { return v ? at::zeros({f0.size(1)}, v->options()) : none(); };
-    return {grad_feats, grad_gates, zeros(scale), zeros(shift)};
+    return {zeros(scale), zeros(shift)};
   }
 
   const std::vector<at::Tensor> feats = readable(feats_in), gates = readable(gates_in);
@@ -489,7 +489,41 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Ten
   auto total = [&](const std::optional<at::Tensor>& v, int64_t q) {
     return v ? at::sum(partial.select(1, q), {0, 1}).to(v->scalar_type()) : none();
   };
-  return {grad_feats, grad_gates, total(scale, 1), total(shift, 0)};
+  return {total(scale, 1), total(shift, 0)};
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Tensor> gate_sum_backward_cuda(
+    at::TensorList grad_outs, at::TensorList feats, at::TensorList gates, at::IntArrayRef targets,
+    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift) {
+  TORCH_CHECK(!feats.empty(), "gate_sum_backward: feats must hold at least one tensor");
+  const at::Tensor& f0 = feats[0];
+  std::vector<at::Tensor> grad_feats, grad_gates;
+  for (size_t i = 0; i < feats.size(); ++i) {
+    grad_feats.push_back(at::empty(f0.sizes(), f0.options().memory_format(dense_format(feats[i]))));
+    grad_gates.push_back(at::empty(f0.sizes(), f0.options().memory_format(dense_format(gates[i]))));
+  }
+  auto [grad_scale, grad_shift] =
+      gate_sum_backward_into(grad_outs, feats, gates, targets, scale, shift, grad_feats, grad_gates);
+  return {grad_feats, grad_gates, grad_scale, grad_shift};
+}
+
+std::tuple<at::Tensor, at::Tensor> gate_sum_backward_out_cuda(at::TensorList grad_outs, at::TensorList feats,
+                                                              at::TensorList gates, at::IntArrayRef targets,
+                                                              const std::optional<at::Tensor>& scale,
+                                                              const std::optional<at::Tensor>& shift,
+                                                              at::TensorList grad_feats,
+                                                              at::TensorList grad_gates) {
+  TORCH_CHECK(!feats.empty(), "gate_sum_backward_out: feats must hold at least one tensor");
+  TORCH_CHECK(grad_feats.size() == feats.size() && grad_gates.size() == feats.size(),
+              "gate_sum_backward_out: grad_feats and grad_gates must hold one tensor per pair (", feats.size(),
+              "), got ", grad_feats.size(), " and ", grad_gates.size());
+  for (size_t i = 0; i < feats.size(); ++i)
+    for (const auto* g : {&grad_feats[i], &grad_gates[i]}) {
+      check_like(*g, feats[0], "grad_feats/grad_gates", i);
+      TORCH_CHECK(g->size(2) == 1 || g->size(3) == 1 || g->stride(2) == g->size(3) * g->stride(3),
+                  "gate_sum_backward_out: grad_feats/grad_gates[", i, "] must have H and W mergeable into one");
+    }
+  return gate_sum_backward_into(grad_outs, feats, gates, targets, scale, shift, grad_feats, grad_gates);
 }
 
 }  // namespace
@@ -497,6 +531,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, at::Ten
 TORCH_LIBRARY_IMPL(mtl_kernels, CUDA, m) {
   m.impl("gate_sum", &gate_sum_cuda);
   m.impl("gate_sum_backward", &gate_sum_backward_cuda);
+  m.impl("gate_sum_backward_out", &gate_sum_backward_out_cuda);
 }
 
 }  // namespace mtl_kernels

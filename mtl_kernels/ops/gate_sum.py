@@ -59,11 +59,13 @@ def gate_sum(
 
 
 def fused_ops(backend: str):
-    """(forward, backward) ops of a fused backend, for callers that manage autograd themselves."""
+    """(forward, backward, backward_out) ops of a fused backend, for callers that
+    manage autograd themselves; backward_out writes the feature and gate
+    gradients into tensors the caller passes (slices of one stacked gradient)."""
     ops = torch.ops.mtl_kernels
     if backend == "triton":
-        return ops.gate_sum_triton, ops.gate_sum_backward_triton
-    return ops.gate_sum, ops.gate_sum_backward
+        return ops.gate_sum_triton, ops.gate_sum_backward_triton, ops.gate_sum_backward_out_triton
+    return ops.gate_sum, ops.gate_sum_backward, ops.gate_sum_backward_out
 
 
 def readable(x: torch.Tensor) -> torch.Tensor:
@@ -132,6 +134,11 @@ def _fake_backward(grad_outs, feats, gates, targets, scale, shift):
     return [like(f) for f in feats], [like(g) for g in gates], vec(scale), vec(shift)
 
 
+def _fake_backward_out(grad_outs, feats, gates, targets, scale, shift, grad_feats, grad_gates):
+    _, _, grad_scale, grad_shift = _fake_backward(grad_outs, feats, gates, targets, scale, shift)
+    return grad_scale, grad_shift
+
+
 def _setup_context(ctx, inputs, output):
     residuals, feats, gates, targets, num_outputs, scale, shift = inputs
     ctx.targets, ctx.num_feats, ctx.has_residuals = targets, len(feats), len(residuals) > 0
@@ -167,6 +174,7 @@ def _register(suffix: str) -> None:
     fwd, bwd = f"mtl_kernels::gate_sum{suffix}", f"mtl_kernels::gate_sum_backward{suffix}"
     torch.library.register_fake(fwd)(_fake)
     torch.library.register_fake(bwd)(_fake_backward)
+    torch.library.register_fake(f"mtl_kernels::gate_sum_backward_out{suffix}")(_fake_backward_out)
     backward_op = getattr(torch.ops.mtl_kernels, f"gate_sum_backward{suffix}")
     torch.library.register_autograd(fwd, _backward_with(backward_op), setup_context=_setup_context)
 

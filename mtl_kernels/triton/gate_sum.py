@@ -1,5 +1,6 @@
-"""Triton kernels of gate_sum, as the opaque ops mtl_kernels::gate_sum_triton and
-mtl_kernels::gate_sum_backward_triton.
+"""Triton kernels of gate_sum, as the opaque ops mtl_kernels::gate_sum_triton,
+mtl_kernels::gate_sum_backward_triton and mtl_kernels::gate_sum_backward_out_triton
+(the backward into gradients the caller allocated).
 
 outs[t] = residuals[t] + sum_{i: targets[i] == t} feats[i] * s_i,
 s_i = sigmoid(gates[i] * scale[c] + shift[c]); backward
@@ -354,10 +355,42 @@ def gate_sum_backward_triton(
     scale: torch.Tensor | None,
     shift: torch.Tensor | None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    f0 = feats[0]
-    C = f0.shape[1]
     grad_feats = [_empty(f, dense_format(f)) for f in feats]
     grad_gates = [_empty(g, dense_format(g)) for g in gates]
+    grad_scale, grad_shift = _backward_into(grad_outs, feats, gates, targets, scale, shift, grad_feats, grad_gates)
+    return grad_feats, grad_gates, grad_scale, grad_shift
+
+
+@torch.library.custom_op("mtl_kernels::gate_sum_backward_out_triton", mutates_args=("grad_feats", "grad_gates"))
+def gate_sum_backward_out_triton(
+    grad_outs: list[torch.Tensor],
+    feats: list[torch.Tensor],
+    gates: list[torch.Tensor],
+    targets: list[int],
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    grad_feats: list[torch.Tensor],
+    grad_gates: list[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_sum_backward_triton writing into grad_feats / grad_gates the caller allocated."""
+    if len(grad_feats) != len(feats) or len(grad_gates) != len(feats):
+        raise ValueError(
+            f"gate_sum_backward_out: grad_feats and grad_gates must hold one tensor per pair ({len(feats)}), "
+            f"got {len(grad_feats)} and {len(grad_gates)}"
+        )
+    for i, g in enumerate([*grad_feats, *grad_gates]):
+        B, C, H, W = g.shape
+        if g.shape != feats[0].shape or g.dtype != feats[0].dtype or g.device != feats[0].device:
+            raise ValueError(f"gate_sum_backward_out: output {i} must match feats in shape, dtype and device")
+        if not (H == 1 or W == 1 or g.stride(2) == W * g.stride(3)):
+            raise ValueError(f"gate_sum_backward_out: output {i} must have H and W mergeable into one")
+    return _backward_into(grad_outs, feats, gates, targets, scale, shift, grad_feats, grad_gates)
+
+
+def _backward_into(grad_outs, feats, gates, targets, scale, shift, grad_feats, grad_gates):
+    """Writes grad_feats / grad_gates and returns (grad_scale, grad_shift)."""
+    f0 = feats[0]
+    C = f0.shape[1]
     sums = scale is not None or shift is not None
     acc_tl, acc_torch = _acc_dtype(f0.dtype)
 
@@ -367,11 +400,11 @@ def gate_sum_backward_triton(
     def finish(total: torch.Tensor | None):  # total: [2, C] sums of d and d * gate, None without scale/shift
         grad_scale = total[1].to(scale.dtype, copy=True) if scale is not None else empty()
         grad_shift = total[0].to(shift.dtype, copy=True) if shift is not None else empty()
-        return grad_feats, grad_gates, grad_scale, grad_shift
+        return grad_scale, grad_shift
 
     if f0.numel() == 0:
         return finish(torch.zeros((2, C), dtype=acc_torch, device=f0.device) if sums else None)
-    fmt = dense_format(grad_outs[0])
+    fmt = dense_format(f0)  # the features' layout: they and their gradients are 4 of the 5 streams
     grad_outs = [_in_format(g, fmt) for g in grad_outs]
     scale_c = scale.contiguous() if scale is not None else None
     shift_c = shift.contiguous() if shift is not None else None
