@@ -64,7 +64,7 @@ DEFAULTS: dict[str, Any] = {
     "scheduler": {"name": "poly", "power": 0.9},  # poly (per epoch, as the survey) | step | constant
     "epochs": 10,
     "eval_every": 1,  # epochs between evaluations (and the last epoch always)
-    "amp": "none",  # none | bf16 | fp16 (fp16: CUDA with a GradScaler)
+    "amp": "none",  # none | bf16 | fp16 (fp16 with a GradScaler)
     "device": "auto",  # auto | cpu | cuda | cuda:N
     "single_task_metrics": None,  # {task: {metric: value}} or a results.json path, for Delta_m
     "tensorboard": False,

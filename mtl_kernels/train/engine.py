@@ -189,8 +189,6 @@ class Trainer:
         self.progress = progress and self.rank == 0
         self.out_dir = os.path.join(cfg["output_root"], cfg["name"])
         self.tasks = list(cfg["data"]["tasks"])
-        if cfg["amp"] == "fp16" and self.device.type != "cuda":
-            raise ConfigError("config: amp 'fp16' needs a CUDA device (use 'bf16' on the CPU)")
         seed_everything(cfg["seed"])
 
         self.train_set, self.val_set = make_datasets(cfg)
@@ -221,7 +219,7 @@ class Trainer:
         extra = [p for p in self.balancer.parameters()] if self.balancer is not None else []
         self.optimizer = make_optimizer(cfg, self.model, extra)
         self.scheduler = make_scheduler(cfg, self.optimizer)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg["amp"] == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg["amp"] == "fp16")
         self.net = self.model
         if self.world > 1:
             self._broadcast_state()
