@@ -181,9 +181,7 @@ std::tuple<at::Tensor, at::Tensor> gate_sum_backward_into(at::TensorList grad_ou
                                                           const std::optional<at::Tensor>& scale,
                                                           const std::optional<at::Tensor>& shift,
                                                           at::TensorList grad_feats, at::TensorList grad_gates) {
-  const int64_t num_outputs = grad_outs_in.size();
-  check(feats, gates, targets, num_outputs, scale, shift);
-  const at::Tensor& f0 = feats[0];
+  const at::Tensor& f0 = feats[0];  // the callers below have checked the arguments
   for (const auto& g : grad_outs_in)
     TORCH_CHECK(g.sizes() == f0.sizes() && g.scalar_type() == f0.scalar_type() && g.device() == f0.device(),
                 "gate_sum_backward: grad_outs must match feats in shape, dtype and device");
