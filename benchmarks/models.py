@@ -3,7 +3,7 @@ survey's architectures (mtl_kernels.models); the survey's eager modules vs torch
 them vs the fused backends.
 
     python benchmarks/models.py [--quick] [--full] [--no-save] [--device cpu|cuda] [--impls ...]
-                                [--models mti_net,pad_net,...]
+                                [--models mti_net,pad_net,...] [--channels-last]
 
 One op, "train_step", one row per (model, impl), mode "step":
   eager    mk.models.build(name, NYUD tasks, survey_modules=True): the survey code's plain
@@ -11,6 +11,10 @@ One op, "train_step", one row per (model, impl), mode "step":
   compile  torch.compile(that model, dynamic=False); the optimiser step stays eager
   cpu/cuda/triton  mk.convert(copy of that model, backend=...): the same weights on the fused
            modules (only for the models that have some: not single_task / multi_task)
+  --channels-last adds eager+nhwc and <backend>+nhwc: the same models built NHWC
+           (model.to(memory_format=torch.channels_last), as mk.models.build(memory_format=...)
+           does) and fed an NHWC image. Their rows share the NCHW rows' configuration, so
+           "x eager" is against the survey's NCHW eager step (compile is not run NHWC).
 Every impl starts from the same weights. A step: zero_grad(set_to_none=True), forward,
 loss = sum over every output (deep supervision too) of mean(y^2), backward, Adam(lr=1e-4).step().
 Time is the whole step (the harness's "forward" mode over a step function; its own backward is
@@ -70,6 +74,9 @@ def _outputs(out) -> list[torch.Tensor]:
     return flat
 
 
+NHWC = "+nhwc"  # impl suffix of the channels_last runs
+
+
 def model_cases(name: str, B: int, H: int, W: int, device: torch.device, impls: list[str]):
     cls = MODELS[name]
     torch.manual_seed(0)
@@ -86,19 +93,20 @@ def model_cases(name: str, B: int, H: int, W: int, device: torch.device, impls: 
         "params_M": round(mk.models.num_parameters(base) / 1e6, 2),
     }
     for impl in impls:
-        if impl not in ("eager", "compile") and name in WITHOUT_FUSED:
+        kind = impl.removesuffix(NHWC)
+        if kind not in ("eager", "compile") and name in WITHOUT_FUSED:
             continue  # no fused module: the same model as eager
-        if impl == "eager":
-            model = copy.deepcopy(base)
-        elif impl == "compile":
+        if kind in ("eager", "compile"):
             model = copy.deepcopy(base)
         else:
-            model = mk.convert(copy.deepcopy(base), backend=impl)
-        model = model.to(device).train()
+            model = mk.convert(copy.deepcopy(base), backend=kind)
+        fmt = torch.channels_last if impl.endswith(NHWC) else torch.contiguous_format
+        model = model.to(device, memory_format=fmt).train()
         run = harness.compile_reference(model) if impl == "compile" else model
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        image = x.contiguous(memory_format=fmt)
 
-        def step(model=model, run=run, opt=opt):
+        def step(model=model, run=run, opt=opt, x=image):
             opt.zero_grad(set_to_none=True)
             loss = sum(y.float().square().mean() for y in _outputs(run(x)))
             loss.backward()
@@ -125,10 +133,14 @@ def run(
     impls: list[str] | None = None,
     full: bool = False,
     models: list[str] | None = None,
+    channels_last: bool = False,
 ) -> list[dict]:
     available = mk.available_backends()
-    all_impls = ["eager", "compile", *fused_backends(device, available)]
-    impls = [i for i in all_impls if impls is None or i in impls]
+    fused = fused_backends(device, available)
+    all_impls = ["eager", "compile", *fused]
+    if channels_last:
+        all_impls += [i + NHWC for i in ("eager", *fused)]
+    impls = [i for i in all_impls if impls is None or i in impls or i.removesuffix(NHWC) in impls]
     names = list(MODELS) if models is None else models
     unknown = [n for n in names if n not in MODELS]
     if unknown:
@@ -152,13 +164,16 @@ def run(
 def main(argv=None) -> list[dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
     models = None
-    if "--models" in argv:  # our own option; the rest is the harness's command line
+    if "--models" in argv:  # our own options; the rest is the harness's command line
         i = argv.index("--models")
         models = argv[i + 1].split(",")
         del argv[i : i + 2]
+    channels_last = "--channels-last" in argv
+    if channels_last:
+        argv.remove("--channels-last")
 
     def run_models(device, quick=False, impls=None, full=False):
-        return run(device, quick=quick, impls=impls, full=full, models=models)
+        return run(device, quick=quick, impls=impls, full=full, models=models, channels_last=channels_last)
 
     return harness.main(
         argv,

@@ -145,6 +145,51 @@ def test_fused_equals_reference_and_convert(name):
         torch.testing.assert_close(b[t], a[t], msg=f"eval {t}")
 
 
+def _close(got, expected, tol, floor, msg):
+    """max |got - expected| <= tol * max(|expected|, floor): relative to the tensor's scale, since a
+    different summation order (NHWC convolutions) moves fp64 results by far less than a layout bug."""
+    scale = max(expected.abs().max().item(), floor)
+    err = (got - expected).abs().max().item()
+    assert err <= tol * scale, f"{msg}: max error {err:.3g} > {tol} x {scale:.3g}"
+
+
+@pytest.mark.skipif(FUSED is None, reason="no compiled CPU kernels")
+@pytest.mark.parametrize("name", FUSED_MODELS)
+def test_channels_last_fused_equals_nchw_reference(name):
+    """build(memory_format="channels_last") with the fused modules, fed an NHWC image: every output
+    stays NHWC (the layout runs through the fused kernels) and outputs, input gradient and parameter
+    gradients equal the NCHW reference's for the same weights (fp64, training mode)."""
+    kw = {"head_kwargs": {"channels": 16, "dropout": 0.0}} if name in ("cross_stitch", "nddr_cnn", "mtan") else {}
+    reference = build(name, "nyud", backend="reference", **kw).double()
+    fused = build(name, "nyud", backend=FUSED, memory_format="channels_last", **kw).double()
+    fused.load_state_dict(reference.state_dict())
+    convs = [m.weight for m in fused.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    x = image(reference, torch.float64)
+    if reference.backbone_kind == "hrnet":  # 2 x 2 at stride 32: a BN over 2 values is too ill-conditioned
+        x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    expected, grad_x = _step(reference, x.clone().requires_grad_())
+    got, got_grad_x = _step(fused, x.contiguous(memory_format=torch.channels_last).requires_grad_())
+    for t, y in expected.items():
+        if y.shape[1] > 1:
+            assert got[t].is_contiguous(memory_format=torch.channels_last), f"output {t} is not NHWC"
+        _close(got[t], y, 1e-5, 0.0, f"output {t}")
+    _close(got_grad_x, grad_x, 1e-4, 0.0, "input grad")
+    expected_grads, got_grads = _grads(reference), _grads(fused)
+    floor = max(g.abs().max().item() for g in expected_grads.values()) * 1e-6  # BN-cancelled biases: ~0
+    for k, g in expected_grads.items():
+        _close(got_grads[k], g, 1e-4, floor, k)
+
+
+def test_memory_format_option():
+    model = build("multi_task", "nyud", memory_format=torch.channels_last)
+    assert model.backbone.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match=r"memory_format must be torch.contiguous_format or torch.channels_last"):
+        build("multi_task", "nyud", memory_format="nhwc")
+    with pytest.raises(ValueError, match="memory_format"):
+        build("multi_task", "nyud", memory_format=torch.preserve_format)
+
+
 def test_set_backend_switches_every_fused_module():
     model = build("mtan", "nyud", backend="reference")
     mk.models.set_backend(model, FUSED)

@@ -72,6 +72,10 @@ def test_configs_cover_every_model_and_dataset():
         ({"name": "x", "model": {"name": "multi_task"}, "data": {"tasks": ["depth"], "dataset": "nyud"}}, "data.root"),
         ({"name": "x", "model": {"name": "multi_task"}, "data": {"tasks": ["depth"]}, "amp": "fp8"}, "amp"),
         ({"name": "x", "model": {"name": "multi_task"}, "data": {"tasks": ["depth"], "size": [64]}}, "data.size"),
+        (
+            {"name": "x", "model": {"name": "multi_task", "memory_format": "nhwc"}, "data": {"tasks": ["depth"]}},
+            "model.memory_format",
+        ),
     ],
 )
 def test_a_broken_config_names_the_key(raw, match):
@@ -163,6 +167,22 @@ def test_fp16_amp_with_grad_scaler(tmp_path, method):
     assert 0 < trainer.scaler.get_scale() <= 2.0**16  # it scaled, and its state is live
     saved = torch.load(tmp_path / "runs" / "tiny" / "last.pt", weights_only=False)
     assert saved["scaler"]["scale"] == trainer.scaler.get_scale()
+
+
+# loss level on NDDR-CNN; gradient level on MTAN (its backbone's NHWC .grad: combine's copy path)
+@pytest.mark.parametrize("model, method", [("nddr_cnn", None), ("mtan", "MGDA")])
+def test_channels_last_training(tmp_path, model, method):
+    over = {"balancing__method": method} if method else {}
+    cfg = tiny(tmp_path, epochs=1, model__memory_format="channels_last", model__name=model, **over)
+    trainer = Trainer(cfg, progress=False)
+    convs = [m.weight for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    results = trainer.fit()
+    assert all(not torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()) if a.dim() == 4)
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)  # the optimiser kept NHWC
+    losses = results["history"][-1]["train_loss"]
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
 
 
 def test_deep_supervision_model_and_soft_sharing_learning_rate(tmp_path):

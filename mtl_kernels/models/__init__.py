@@ -28,6 +28,7 @@ them for the fused ones with the same weights.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..nn.tasks import TASK_OUTPUTS, check_tasks, output_channels
@@ -64,6 +65,7 @@ def build(
     auxiliary_tasks=None,
     backend: str | None = None,
     pretrained: bool = False,
+    memory_format: torch.memory_format | str = torch.contiguous_format,
     **kwargs,
 ) -> nn.Module:
     """Builds model `name` for `tasks`.
@@ -76,6 +78,9 @@ def build(
     auxiliary_tasks: pad_net and mti_net only: extra tasks predicted for deep
         supervision and distilled from (NYUD: ["normals", "edge"]).
     backend: the fused modules' backend; pretrained: timm weights (download).
+    memory_format: torch.channels_last (or "channels_last") stores every convolution's
+        weight NHWC, so the whole model runs NHWC (the fused kernels read it in place);
+        give the images in it too. torch.contiguous_format ("contiguous"): NCHW.
     kwargs: the model's own options (alpha=, beta=, channels=, head_kwargs=,
         backbone_kwargs=, upsample=, survey_modules=, ...).
     Unknown model, backbone or task names raise a ValueError listing the valid ones.
@@ -92,7 +97,23 @@ def build(
             raise ValueError(f"build({name!r}): this model has no auxiliary tasks (models that do: {users})")
         extra = [a for a in check_tasks(auxiliary_tasks, f"build({name!r})") if a not in out_channels]
         kwargs["auxiliary"] = output_channels(extra, num_classes, module=f"build({name!r})") if extra else {}
-    return cls(out_channels, backbone, backend=backend, pretrained=pretrained, **kwargs)
+    fmt = check_memory_format(memory_format, f"build({name!r})")
+    model = cls(out_channels, backbone, backend=backend, pretrained=pretrained, **kwargs)
+    return model.to(memory_format=fmt) if fmt is torch.channels_last else model
+
+
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def check_memory_format(memory_format, where: str) -> torch.memory_format:
+    """torch.contiguous_format / torch.channels_last, or their names; anything else is a ValueError."""
+    fmt = MEMORY_FORMATS.get(memory_format, memory_format) if isinstance(memory_format, str) else memory_format
+    if fmt not in MEMORY_FORMATS.values():
+        raise ValueError(
+            f"{where}: memory_format must be torch.contiguous_format or torch.channels_last "
+            f"(or one of {list(MEMORY_FORMATS)}), got {memory_format!r}"
+        )
+    return fmt
 
 
 def num_parameters(model: nn.Module) -> int:
@@ -104,6 +125,7 @@ __all__ = [
     "BACKBONES",
     "DEEP_SUPERVISION",
     "JTRL",
+    "MEMORY_FORMATS",
     "MODELS",
     "MTAN",
     "NDDRCNN",
@@ -124,6 +146,7 @@ __all__ = [
     "build_backbone",
     "build_head",
     "check_backbone",
+    "check_memory_format",
     "num_parameters",
     "output_channels",
     "set_backend",

@@ -31,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
         "auxiliary_tasks": None,  # pad_net, mti_net: tasks predicted for deep supervision and distillation
         "backend": None,  # fused modules' backend (None: auto); "reference" runs plain PyTorch
         "pretrained": False,
+        "memory_format": "contiguous",  # contiguous (NCHW) | channels_last (NHWC: ~10% faster steps on the CPU)
         "kwargs": {},  # the model's own options (alpha, beta, channels, backbone_kwargs, ...)
     },
     "data": {
@@ -77,6 +78,7 @@ CHOICES = {
     ("optimizer", "name"): ("adam", "sgd"),
     ("scheduler", "name"): ("poly", "step", "constant"),
     ("amp",): ("none", "bf16", "fp16"),
+    ("model", "memory_format"): ("contiguous", "channels_last"),
 }
 
 

@@ -201,8 +201,10 @@ class Trainer:
             auxiliary_tasks=m["auxiliary_tasks"],
             backend=m["backend"],
             pretrained=m["pretrained"],
+            memory_format=m["memory_format"],
             **(m["kwargs"] or {}),
         ).to(self.device)
+        self.memory_format = models.check_memory_format(m["memory_format"], "config: model.memory_format")
         self.balancer = make_balancer(cfg, self.tasks)
         if self.balancer is not None:
             self.balancer.to(self.device)
@@ -292,7 +294,7 @@ class Trainer:
     def compute_losses(self, batch: dict):
         """(total, {task: loss}) of one batch: the final predictions' and the deep supervision's
         (keys "<stage>/<task>" for auxiliary tasks' intermediate predictions)."""
-        image = batch["image"].to(self.device, non_blocking=True)
+        image = batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         targets = collate_targets(batch, self.target_tasks, self.device)
         with self.autocast():
             out = self.net(image)
@@ -373,7 +375,7 @@ class Trainer:
         self.model.eval()
         meter = metrics.MultiTaskMetrics(self.tasks, **self.metric_kwargs())
         for batch in self.loader(dataset or self.val_set, train=False):
-            image = batch["image"].to(self.device)
+            image = batch["image"].to(self.device).contiguous(memory_format=self.memory_format)
             with self.autocast():
                 out = self.model(image)
             final, _ = split_outputs(out, self.tasks)
