@@ -7,6 +7,7 @@ from torch import nn
 
 from ..nn import NDDR, CrossStitch, MTANAttention, MultiModalDistillation
 from .backbones import RESNETS, build_backbone, check_backbone
+from .heads import build_head
 from .layers import upsample
 
 # Key of the deep-supervision outputs (PAD-Net, MTI-Net): out[DEEP_SUPERVISION]
@@ -66,6 +67,21 @@ class MultiTaskModel(nn.Module):
         backbone = build_backbone(self.check_backbone(name), pretrained=pretrained, **(backbone_kwargs or {}))
         self.backbone_name, self.backbone_kind = backbone.name, backbone.kind
         return backbone
+
+    def make_task_backbones(self, name: str, pretrained: bool, backbone_kwargs: dict | None) -> nn.ModuleDict:
+        """One backbone per task (nothing shared): {task: backbone}."""
+        return nn.ModuleDict({t: self.make_backbone(name, pretrained, backbone_kwargs) for t in self.tasks})
+
+    def make_heads(self, backbone: nn.Module, head_kwargs: dict | None) -> nn.ModuleDict:
+        """{task: the backbone's head (DeepLab-v3 on a ResNet, HRNet's on HRNet)}, on one shared
+        backbone or, for a ModuleDict of them, on each task's own."""
+        own = isinstance(backbone, nn.ModuleDict)
+        return nn.ModuleDict(
+            {
+                t: build_head(backbone[t] if own else backbone, c, **(head_kwargs or {}))
+                for t, c in self.out_channels.items()
+            }
+        )
 
     def with_auxiliary(self, auxiliary: dict[str, int] | None) -> dict[str, int]:
         """{task: channels} of the tasks, then the auxiliary ones (predicted for deep supervision and

@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from ._base import SOFT_SHARING_BACKBONES, MultiTaskModel
-from .heads import build_head
 
 
 class StageFusionNetwork(MultiTaskModel):
@@ -29,14 +28,10 @@ class StageFusionNetwork(MultiTaskModel):
         survey_modules: bool = False,
     ):
         super().__init__(out_channels, backend=backend, upsample=upsample)
-        self.backbone = nn.ModuleDict(
-            {t: self.make_backbone(backbone, pretrained, backbone_kwargs) for t in self.tasks}
-        )
+        self.backbone = self.make_task_backbones(backbone, pretrained, backbone_kwargs)
         first = self.backbone[self.tasks[0]]
         self.units = nn.ModuleList([self.make_unit(c, survey_modules) for c in first.channels])
-        self.heads = nn.ModuleDict(
-            {t: build_head(self.backbone[t], c, **(head_kwargs or {})) for t, c in self.out_channels.items()}
-        )
+        self.heads = self.make_heads(self.backbone, head_kwargs)
 
     def make_unit(self, channels: int, survey_modules: bool) -> nn.Module:
         raise NotImplementedError

@@ -9,7 +9,6 @@ from torch import nn
 from ..nn import MTANAttention
 from ..reference import AttentionLayer
 from ._base import SOFT_SHARING_BACKBONES, MultiTaskModel, gated
-from .heads import build_head
 from .layers import conv_bn_relu
 
 
@@ -69,9 +68,7 @@ class MTAN(MultiTaskModel):
                 raise ValueError(f"MTAN: stage strides {red} must stay or double from stage to stage")
             pool = nn.MaxPool2d(2, 2, ceil_mode=True) if ratio == 2 else nn.Identity()
             self.add_module(f"downsample_{i + 1}", pool)
-        self.heads = nn.ModuleDict(
-            {t: build_head(self.backbone, c, **(head_kwargs or {})) for t, c in self.out_channels.items()}
-        )
+        self.heads = self.make_heads(self.backbone, head_kwargs)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         size = x.shape[-2:]

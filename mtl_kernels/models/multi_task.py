@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ._base import MultiTaskModel
-from .heads import build_head
 
 
 class MultiTaskBaseline(MultiTaskModel):
@@ -28,9 +26,7 @@ class MultiTaskBaseline(MultiTaskModel):
     ):
         super().__init__(out_channels, backend=backend, upsample=upsample)
         self.backbone = self.make_backbone(backbone, pretrained, backbone_kwargs)
-        self.heads = nn.ModuleDict(
-            {t: build_head(self.backbone, c, **(head_kwargs or {})) for t, c in self.out_channels.items()}
-        )
+        self.heads = self.make_heads(self.backbone, head_kwargs)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         shared = self.backbone(x)

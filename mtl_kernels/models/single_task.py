@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ._base import MultiTaskModel
-from .heads import build_head
 
 
 class SingleTaskBaseline(MultiTaskModel):
@@ -32,12 +30,8 @@ class SingleTaskBaseline(MultiTaskModel):
         upsample: bool = True,
     ):
         super().__init__(out_channels, backend=backend, upsample=upsample)
-        self.backbone = nn.ModuleDict(
-            {t: self.make_backbone(backbone, pretrained, backbone_kwargs) for t in self.tasks}
-        )
-        self.heads = nn.ModuleDict(
-            {t: build_head(self.backbone[t], c, **(head_kwargs or {})) for t, c in self.out_channels.items()}
-        )
+        self.backbone = self.make_task_backbones(backbone, pretrained, backbone_kwargs)
+        self.heads = self.make_heads(self.backbone, head_kwargs)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {t: self.heads[t](self.backbone[t](x)) for t in self.tasks}
