@@ -6,7 +6,11 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#include <ATen/OpMathType.h>
+#include <c10/util/BFloat16.h>
 
 #include "common/dense_loss.h"
 #include "cpu/isa.h"
