@@ -1,5 +1,5 @@
 # make run    the main job: a cross-stitch demonstration, then models trained on the built-in Scenes
-#             (runs/main/: metrics, Delta_m, fused-vs-reference step time; about 10 minutes on 2 cores)
+#             (runs/main/: metrics, Delta_m, fused-vs-reference step time; 13 minutes on 2 cores, build included)
 # make test   build (CUDA kernels included, so CI proves they compile) and run every test
 # make bench  every benchmark, rows appended to benchmarks/results/<device>.json
 #
