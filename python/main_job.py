@@ -4,7 +4,8 @@ fused modules, evaluated, and compared by Delta_m; then the fused-vs-reference t
     python python/main_job.py [--epochs N] [--size H W] [--train-length N] [--models multi_task,cross_stitch]
 
 Everything lands under runs/main/ (one directory per model: results.json, checkpoints, loss curves, a
-prediction grid; runs/main/summary.json and summary.md with the table). About 10 minutes on a 2-core CPU (568 s measured at the defaults).
+prediction grid; runs/main/summary.json and summary.md with the table). About 10 minutes on a 2-core CPU
+(568 s measured at the defaults).
 """
 
 from __future__ import annotations
