@@ -101,6 +101,15 @@ def test_matches_reference(device, backend, kind, dtype, layout):
 
 
 @pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("kind", ["l1", "balanced_bce"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_over_several_tiles(device, backend, kind, dtype):
+    """12600 elements: three whole 4096-element CPU tiles and a remainder, each widened to fp32,
+    run through the fp32 loop and its gradient narrowed back."""
+    check(kind, (2, 1, 70, 90), dtype, device, backend, pos_weight=0.95 if kind == "balanced_bce" else None)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("classes", [1, 2, 21, 40, 64])
 def test_cross_entropy_classes(device, backend, classes):
     check("cross_entropy", (2, classes, 5, 6), torch.float32, device, backend)
