@@ -75,6 +75,31 @@ def test_matches_reference(device, backend, T, dtype, layout, residuals, affine)
     check(T, (2, 3, 7, 5), dtype, device, backend, layout=layout, residuals=residuals, affine=affine)
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="no compiled CPU kernels")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("T", [2, 3])
+@pytest.mark.parametrize("residuals", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_whole_image_rows(threads, T, residuals, dtype):
+    """With at least two images per thread and no affine, the CPU forward runs one row per NCHW image
+    (channels and pixels merged); the same results as the reference, and as the per-plane path that
+    a view whose planes are not back to back (here narrowed along W) keeps."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check(T, (2 * threads, 3, 7, 5), dtype, "cpu", "cpu", residuals=residuals)
+        wide = [torch.randn(2 * threads, 3, 7, 9, dtype=dtype) for _ in range(2 * T)]
+        feats, gates = [w[..., 2:7] for w in wide[:T]], [w[..., 1:6] for w in wide[T:]]
+        outs = gate_sum(None, feats, gates, list(range(T)), T, backend="cpu")
+        refs = gate_sum(None, feats, gates, list(range(T)), T, backend="reference")
+        for o, r in zip(outs, refs):
+            assert rel_err(o, r) <= TOL[dtype]
+        if threads == 1:  # B=2 images: backward_out into the stacked slices takes whole-image rows too
+            test_backward_out_writes_into_stacked_slices("cpu", "cpu", "contiguous", False)
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_storage(device, backend, dtype):

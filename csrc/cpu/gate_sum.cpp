@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -43,14 +44,31 @@ View<T> view_of(const at::Tensor& x) {
   return {const_cast<T*>(x.const_data_ptr<T>()), x.stride(0), x.stride(1), sP};
 }
 
+// One row per NCHW image, channels and pixels merged, when there is no per-channel
+// affine and each [C, H*W] image block of every tensor is one evenly strided run
+// (PAD-Net's channel slices of a stacked convolution output are). At T=3, B=8, C=64,
+// 60 x 80 against a row per plane: forward 5.8 vs 6.9 ms, backward 8.9 vs 9.7 (an
+// interleaved A/B). Only with images enough to keep every thread busy.
+bool whole_image_rows(bool channels_last, bool affine, int64_t B, std::initializer_list<at::TensorList> groups) {
+  if (channels_last || affine || B < 2 * at::get_num_threads()) return false;
+  for (const auto& xs : groups)
+    for (const auto& x : xs) {
+      const int64_t sP = x.size(3) > 1 ? x.stride(3) : x.stride(2);  // as view_of
+      if (x.size(1) > 1 && x.stride(1) != x.size(2) * x.size(3) * sP) return false;
+    }
+  return true;
+}
+
 struct Walk {  // rows of the outputs' layout
   bool channels_last;
   int64_t B, C, P;
-  int64_t rows() const { return channels_last ? B * P : B * C; }
-  int64_t len() const { return channels_last ? C : P; }
+  bool whole_images = false;  // NCHW, one row per image: C and the pixels merged (see whole_image_rows)
+  int64_t rows() const { return whole_images ? B : channels_last ? B * P : B * C; }
+  int64_t len() const { return whole_images ? C * P : channels_last ? C : P; }
   // Offset of a row's first element in v, and the step along the row.
   template <typename T>
   std::pair<int64_t, int64_t> row(const View<T>& v, int64_t r) const {
+    if (whole_images) return {r * v.sB, v.sP};
     if (channels_last) return {(r / P) * v.sB + (r % P) * v.sP, v.sC};
     return {(r / C) * v.sB + (r % C) * v.sC, v.sP};
   }
@@ -126,7 +144,9 @@ std::vector<at::Tensor> gate_sum_cpu(at::TensorList residuals_in, at::TensorList
     prefer_huge_pages(outs.back());
   }
   if (f0.numel() == 0) return outs;
-  const Walk walk{fmt == at::MemoryFormat::ChannelsLast, f0.size(0), f0.size(1), f0.size(2) * f0.size(3)};
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast, affine = scale.has_value() || shift.has_value();
+  const Walk walk{cl, f0.size(0), f0.size(1), f0.size(2) * f0.size(3),
+                  whole_image_rows(cl, affine, f0.size(0), {feats, gates, outs, residuals})};
   const at::Tensor sc = channel_vector(scale, f0, 1.0), sh = channel_vector(shift, f0, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(), "gate_sum_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -141,7 +161,7 @@ std::vector<at::Tensor> gate_sum_cpu(at::TensorList residuals_in, at::TensorList
       std::vector<const scalar_t*> fp(f.size()), gp(f.size());
       std::vector<int64_t> fs(f.size()), gs(f.size());
       for (int64_t r = r0; r < r1; ++r) {
-        const int64_t c = walk.channels_last ? 0 : r % walk.C;
+        const int64_t c = walk.channels_last || walk.whole_images ? 0 : r % walk.C;
         for (int64_t t = 0; t < num_outputs; ++t) {
           int64_t pairs = 0;
           for (size_t i = 0; i < f.size(); ++i) {
@@ -188,8 +208,9 @@ std::tuple<at::Tensor, at::Tensor> gate_sum_backward_into(at::TensorList grad_ou
   // walk the features' layout: they and their gradients are 4 of the 5 streams
   const auto fmt = dense_format(f0);
   const auto grad_outs = in_format(grad_outs_in, fmt);
-  const Walk walk{fmt == at::MemoryFormat::ChannelsLast, f0.size(0), f0.size(1), f0.size(2) * f0.size(3)};
-  const bool sums = scale.has_value() || shift.has_value();
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast, sums = scale.has_value() || shift.has_value();
+  const Walk walk{cl, f0.size(0), f0.size(1), f0.size(2) * f0.size(3),
+                  whole_image_rows(cl, sums, f0.size(0), {feats, gates, grad_feats, grad_gates, grad_outs})};
   const auto acc_type = f0.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // Per-row (NCHW) or per-chunk (channels_last) partial sums of the gate
   // gradient before the affine, and of it times the gate: grad_shift, grad_scale.
@@ -222,7 +243,7 @@ std::tuple<at::Tensor, at::Tensor> gate_sum_backward_into(at::TensorList grad_ou
               const int64_t st[4] = {fs, gis, gfs, ggs};
               const scalar_t *gop = go[targets[i]].ptr + oo, *fp = f[i].ptr + fo, *gp = g[i].ptr + gio;
               scalar_t *gfp = gf[i].ptr + gfo, *ggp = gg[i].ptr + ggo;
-              const int64_t c0 = walk.channels_last ? 0 : r % walk.C;
+              const int64_t c0 = walk.channels_last || walk.whole_images ? 0 : r % walk.C;
               if (walk.channels_last && sums)
                 gate_row_backward_dispatch<true, true>(n, gop, fp, gp, gfp, ggp, st, scp, shp, ps, width);
               else if (walk.channels_last)
