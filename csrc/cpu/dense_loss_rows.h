@@ -12,22 +12,6 @@ inline double exp_acc(double x) { return std::exp(x); }
 inline double log_acc(double x) { return std::log(x); }
 inline double log1p_acc(double x) { return std::log1p(x); }
 
-// acc_t -> scalar_t for the gradient stores. c10's float -> bfloat16 rounding
-// branches on NaN, which kept GCC from vectorising the BCE and L1 loops (bf16
-// ran 6x slower than fp32 there); this is the same round-to-nearest-even with
-// the NaN case as a select.
-template <typename scalar_t, typename acc_t>
-__attribute__((always_inline)) inline scalar_t store_as(acc_t v) {
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
-    uint32_t u;
-    std::memcpy(&u, &v, sizeof(u));
-    const uint32_t rounded = (u + UINT32_C(0x7FFF) + ((u >> 16) & 1)) >> 16;
-    return c10::BFloat16(static_cast<uint16_t>(v != v ? UINT32_C(0x7FC0) : rounded), c10::BFloat16::from_bits());
-  } else {
-    return static_cast<scalar_t>(v);
-  }
-}
-
 // Cross-entropy over n <= kTile pixels of one image: x and g point at the
 // tile's first pixel (channel c at c * sC, pixel k at k * sP, sP == 1 when
 // kUnit), t at its first label. Three sweeps over the tile, channel-outer so
@@ -74,7 +58,7 @@ Partial ce_tile(const scalar_t* __restrict x, const int64_t* __restrict t, scala
   for (int64_t c = 0; c < C; ++c) {
     const acc_t* erow = e + c * kTile;
     scalar_t* grow = g + c * sC;
-    for (int64_t k = 0; k < n; ++k) grow[k * step] = store_as<scalar_t>(erow[k] * s[k] - acc_t(cls[k] == c));
+    for (int64_t k = 0; k < n; ++k) grow[k * step] = static_cast<scalar_t>(erow[k] * s[k] - acc_t(cls[k] == c));
   }
   part.sum = sum;
   return part;
@@ -90,7 +74,7 @@ Partial widened(const scalar_t* __restrict x, scalar_t* __restrict g, int64_t n,
   alignas(64) acc_t xa[kFlatTile], ga[kFlatTile];
   for (int64_t k = 0; k < n; ++k) xa[k] = static_cast<acc_t>(x[k]);
   const Partial part = tile(xa, ga);
-  for (int64_t k = 0; k < n; ++k) g[k] = store_as<scalar_t>(ga[k]);
+  for (int64_t k = 0; k < n; ++k) g[k] = static_cast<scalar_t>(ga[k]);
   return part;
 }
 
@@ -100,17 +84,18 @@ Partial l1_tile(const scalar_t* __restrict x, const acc_t* __restrict t, scalar_
                 int64_t invalid) {
   if constexpr (!std::is_same_v<scalar_t, acc_t>) {
     return widened(x, g, n, [&](const acc_t* xa, acc_t* ga) { return l1_tile<acc_t, acc_t>(xa, t, ga, n, invalid); });
+  } else {
+    acc_t sum = 0, count = 0, bad = 0;
+    for (int64_t k = 0; k < n; ++k) {
+      const acc_t tv = t[k], d = x[k] - tv;
+      const bool valid = l1_valid(tv, invalid);
+      bad += l1_malformed(tv, invalid);
+      count += valid;
+      sum += valid ? std::abs(d) : acc_t(0);
+      g[k] = valid ? sign_of(d) : acc_t(0);
+    }
+    return {double(sum), double(count), double(bad)};
   }
-  acc_t sum = 0, count = 0, bad = 0;
-  for (int64_t k = 0; k < n; ++k) {
-    const acc_t tv = t[k], d = static_cast<acc_t>(x[k]) - tv;
-    const bool valid = l1_valid(tv, invalid);
-    bad += l1_malformed(tv, invalid);
-    count += valid;
-    sum += valid ? std::abs(d) : acc_t(0);
-    g[k] = store_as<scalar_t>(valid ? sign_of(d) : acc_t(0));
-  }
-  return {double(sum), double(count), double(bad)};
 }
 
 // Balanced BCE over n elements laid out alike in x, t and g; every element counts.
@@ -119,18 +104,19 @@ Partial bce_tile(const scalar_t* __restrict x, const acc_t* __restrict t, scalar
                  acc_t w) {
   if constexpr (!std::is_same_v<scalar_t, acc_t>) {
     return widened(x, g, n, [&](const acc_t* xa, acc_t* ga) { return bce_tile<acc_t, acc_t>(xa, t, ga, n, w); });
+  } else {
+    acc_t sum = 0, bad = 0;
+    for (int64_t k = 0; k < n; ++k) {
+      const acc_t xv = x[k], tv = t[k];
+      const acc_t z = exp_acc(-std::abs(xv));
+      acc_t loss, grad;
+      bce_term(xv, tv, w, z, log1p_acc(z), loss, grad);
+      bad += tv != tv;
+      sum += loss;
+      g[k] = grad;
+    }
+    return {double(sum), double(n), double(bad)};
   }
-  acc_t sum = 0, bad = 0;
-  for (int64_t k = 0; k < n; ++k) {
-    const acc_t xv = static_cast<acc_t>(x[k]), tv = t[k];
-    const acc_t z = exp_acc(-std::abs(xv));
-    acc_t loss, grad;
-    bce_term(xv, tv, w, z, log1p_acc(z), loss, grad);
-    bad += tv != tv;
-    sum += loss;
-    g[k] = store_as<scalar_t>(grad);
-  }
-  return {double(sum), double(n), double(bad)};
 }
 
 // Normals over n <= kTile pixels of one image, laid out as in ce_tile; the
@@ -150,7 +136,7 @@ Partial normals_tile(const scalar_t* __restrict x, const acc_t* __restrict t, sc
     count += normals_pixel(p, tv, loss, grad, malformed);
     bad += malformed;
     sum += loss;
-    for (int c = 0; c < 3; ++c) g[c * sC + k * step] = store_as<scalar_t>(grad[c]);
+    for (int c = 0; c < 3; ++c) g[c * sC + k * step] = static_cast<scalar_t>(grad[c]);
   }
   return {double(sum), double(count), double(bad)};
 }

@@ -10,7 +10,6 @@
 #include <vector>
 
 #include <ATen/OpMathType.h>
-#include <c10/util/BFloat16.h>
 
 #include "common/dense_loss.h"
 #include "cpu/isa.h"

@@ -204,7 +204,7 @@ class Trainer:
             memory_format=m["memory_format"],
             **(m["kwargs"] or {}),
         ).to(self.device)
-        self.memory_format = models.check_memory_format(m["memory_format"], "config: model.memory_format")
+        self.memory_format = models.MEMORY_FORMATS[m["memory_format"]]  # a checked config value
         self.balancer = make_balancer(cfg, self.tasks)
         if self.balancer is not None:
             self.balancer.to(self.device)
