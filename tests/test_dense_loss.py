@@ -179,6 +179,14 @@ def test_opcheck(backend, kind):
     code = KINDS.index(kind)
     pos_weight = torch.tensor(0.95, dtype=torch.float64)
     torch.library.opcheck(op, (pred, target, code, pos_weight, 0, False))
+    # The upsampled op: a prediction of 2 x 3 pixels against the 3 x 4 target.
+    small = pred.detach()[..., ::2, ::2].contiguous().requires_grad_()
+    up = (
+        torch.ops.mtl_kernels.dense_loss_upsampled_triton
+        if backend == "triton"
+        else torch.ops.mtl_kernels.dense_loss_upsampled
+    )
+    torch.library.opcheck(up, (small, target.contiguous(), code, pos_weight, 0, False))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -314,9 +322,55 @@ def test_upsampled_matches_interpolate_then_loss(device, backend, kind, dtype, s
     assert abs(loss.item() - ref.item()) <= TOL[dtype] * max(1.0, abs(ref.item()))
     g = grad_of(loss, pred)
     assert g.shape == pred.shape and g.dtype == dtype
-    # Outside the cpu backend the upsampled prediction is rounded to bf16 before the loss.
-    tol = 5e-2 if dtype == torch.bfloat16 and backend != "cpu" else TOL[dtype]
+    # The reference rounds the upsampled prediction to bf16 before the loss; the fused backends
+    # interpolate in float32.
+    tol = 5e-2 if dtype == torch.bfloat16 and backend == "reference" else TOL[dtype]
     assert rel_err(g, grad_of(ref, pred)) <= tol
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_upsampled_is_fused(device, backend, kind, monkeypatch):
+    """The fused backends resize inside the loss (no full-size prediction): F.interpolate is never
+    called, a channels_last prediction gets its gradient in its own layout, and a prediction larger
+    than the target (downsampling) works as F.interpolate does."""
+
+    def no_interpolate(*args, **kwargs):
+        raise AssertionError("the fused path called F.interpolate")
+
+    pw = 0.95 if kind == "balanced_bce" else None
+    for (h, w), (H, W) in (((4, 6), (16, 24)), ((9, 11), (5, 7))):
+        pred, _ = make(kind, (2, 4, h, w), torch.float64, device)
+        pred = pred.detach().to(memory_format=torch.channels_last).requires_grad_()
+        _, target = make(kind, (2, 4, H, W), torch.float64, device)
+        up = F.interpolate(pred, size=(H, W), mode="bilinear", align_corners=False)
+        ref = dense_loss(up, target, kind, pos_weight=pw, backend="reference")
+        with monkeypatch.context() as m:
+            m.setattr(F, "interpolate", no_interpolate)
+            loss = dense_loss(pred, target, kind, pos_weight=pw, upsample=True, backend=backend)
+            g = grad_of(loss, pred)
+        assert abs(loss.item() - ref.item()) <= 1e-10 * max(1.0, abs(ref.item()))
+        assert g.is_contiguous(memory_format=torch.channels_last)
+        assert rel_err(g, grad_of(ref, pred)) <= 1e-10
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_upsampled_alerts_under_deterministic_algorithms(backend):
+    """On a GPU the gradient is gathered by atomic adds: an error under use_deterministic_algorithms,
+    a warning with warn_only, as for F.interpolate's own backward there."""
+    pred, _ = make("l1", (2, 1, 4, 6), torch.float32, "cuda")
+    _, target = make("l1", (2, 1, 8, 12), torch.float32, "cuda")
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="deterministic implementation"):
+            dense_loss(pred, target, "l1", upsample=True, backend=backend)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="deterministic implementation"):
+            dense_loss(pred, target, "l1", upsample=True, backend=backend)
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -25,4 +25,22 @@ inline void check_dense_loss_args(const at::Tensor& pred, const at::Tensor& targ
   }
 }
 
+// dense_loss_upsampled: pred [B, C, h, w] in any strides, the target at its own size, contiguous.
+inline void check_dense_loss_upsampled_args(const at::Tensor& pred, const at::Tensor& target, int64_t kind) {
+  TORCH_CHECK(pred.dim() == 4, "dense_loss_upsampled: pred must be 4-D [B, C, H, W], got ", pred.sizes());
+  TORCH_CHECK(kind >= kCrossEntropy && kind <= kBalancedBce, "dense_loss_upsampled: unknown kind ", kind);
+  TORCH_CHECK(target.device() == pred.device(), "dense_loss_upsampled: target must be on pred's device");
+  const int64_t C = pred.size(1);
+  TORCH_CHECK(target.is_contiguous() && target.dim() >= 3 && target.size(0) == pred.size(0),
+              "dense_loss_upsampled: target must be contiguous [B, ...]");
+  if (kind == kCrossEntropy) {
+    TORCH_CHECK(target.dim() == 3 && target.scalar_type() == at::kLong,
+                "dense_loss_upsampled: cross-entropy target must be int64 [B, H, W]");
+  } else {
+    TORCH_CHECK(target.dim() == 4 && target.size(1) == C, "dense_loss_upsampled: target must be [B, C, H, W]");
+    TORCH_CHECK(kind != kNormalsL1 || C == 3, "dense_loss_upsampled: normals need 3 channels");
+  }
+  TORCH_CHECK(pred.numel() > 0 && target.numel() > 0, "dense_loss_upsampled: empty input");
+}
+
 }  // namespace mtl_kernels

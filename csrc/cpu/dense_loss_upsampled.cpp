@@ -20,6 +20,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/dense_loss_args.h"
 #include "cpu/dense_loss_tiles.h"
 
 namespace mtl_kernels {
@@ -114,19 +115,9 @@ Partial band(int64_t kind, int64_t b, int64_t i, const at::Tensor& pred, const a
 std::tuple<at::Tensor, at::Tensor> dense_loss_upsampled_cpu(const at::Tensor& pred, const at::Tensor& target,
                                                             int64_t kind, const at::Tensor& pos_weight,
                                                             int64_t invalid, bool /*inplace_backward*/) {
-  TORCH_CHECK(pred.dim() == 4, "dense_loss_upsampled: pred must be 4-D [B, C, H, W], got ", pred.sizes());
-  TORCH_CHECK(kind >= kCrossEntropy && kind <= kBalancedBce, "dense_loss_upsampled: unknown kind ", kind);
+  check_dense_loss_upsampled_args(pred, target, kind);
   const int64_t B = pred.size(0), C = pred.size(1), Hi = pred.size(2), Wi = pred.size(3);
-  TORCH_CHECK(target.is_contiguous() && target.size(0) == B, "dense_loss_upsampled: target must be contiguous [B, ...]");
-  if (kind == kCrossEntropy) {
-    TORCH_CHECK(target.dim() == 3 && target.scalar_type() == at::kLong,
-                "dense_loss_upsampled: cross-entropy target must be int64 [B, H, W]");
-  } else {
-    TORCH_CHECK(target.dim() == 4 && target.size(1) == C, "dense_loss_upsampled: target must be [B, C, H, W]");
-    TORCH_CHECK(kind != kNormalsL1 || C == 3, "dense_loss_upsampled: normals need 3 channels");
-  }
   const int64_t Ho = target.size(-2), Wo = target.size(-1);
-  TORCH_CHECK(Ho > 0 && Wo > 0 && Hi > 0 && Wi > 0, "dense_loss_upsampled: empty input");
   at::Tensor stats = at::empty({3}, pred.options().dtype(at::kDouble));
   at::Tensor grad;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "dense_loss_upsampled_cpu", [&] {

@@ -23,36 +23,12 @@
 
 #include "common/dense_loss.h"
 #include "common/dense_loss_args.h"
+#include "cuda/dense_loss_terms.cuh"
 
 namespace mtl_kernels {
 namespace {
 
-constexpr int kThreads = 256;
-
-__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
-__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
-__device__ __forceinline__ float log_acc(float x) { return logf(x); }
-__device__ __forceinline__ double log_acc(double x) { return log(x); }
-__device__ __forceinline__ float log1p_acc(float x) { return log1pf(x); }
-__device__ __forceinline__ double log1p_acc(double x) { return log1p(x); }
-
-// The block's (sum, count, bad) into out[blockIdx.x * 3 ..]; every thread calls it.
-template <typename acc_t>
-__device__ void block_partial(acc_t sum, acc_t count, acc_t bad, double* __restrict out) {
-  __shared__ double smem[3][kThreads / 32];
-  double v[3] = {double(sum), double(count), double(bad)};
-  for (int k = 0; k < 3; ++k)
-    for (int o = 16; o > 0; o >>= 1) v[k] += __shfl_down_sync(0xffffffffu, v[k], o);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane == 0)
-    for (int k = 0; k < 3; ++k) smem[k][warp] = v[k];
-  __syncthreads();
-  if (threadIdx.x < 3) {
-    double total = 0;
-    for (int w = 0; w < kThreads / 32; ++w) total += smem[threadIdx.x][w];
-    out[blockIdx.x * 3 + threadIdx.x] = total;
-  }
-}
+constexpr int kThreads = kLossThreads;
 
 struct Pixels {  // [B, C, P] by strides; pixel q = b * P + p
   int64_t P, sB, sC, sP;
@@ -70,14 +46,8 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_kernel(const scalar_t*
     const int64_t label = target[q], off = px.offset(q);
     const bool valid = label != kIgnoreIndex, in_range = label >= 0 && label < C, ok = valid && in_range;
     bad = valid && !in_range;
-    acc_t m = -1e30, s = 0, xt = 0;  // online max and sum of exp
-    for (int64_t c = 0; c < C; ++c) {
-      const acc_t v = static_cast<acc_t>(x[off + c * px.sC]);
-      const acc_t m_new = v > m ? v : m;
-      s = s * exp_acc(m - m_new) + exp_acc(v - m_new);
-      m = m_new;
-      xt = c == label ? v : xt;
-    }
+    acc_t m, s, xt;  // online max and sum of exp, the target's logit
+    ce_softmax_stats([&](int64_t c) { return static_cast<acc_t>(x[off + c * px.sC]); }, C, label, m, s, xt);
     if (ok) sum = m + log_acc(s) - xt, count = 1;
     const acc_t inv = ok ? acc_t(1) / s : acc_t(0);  // ignored pixels: gradient exactly 0
     for (int64_t c = 0; c < C; ++c) {
@@ -119,19 +89,7 @@ __global__ void __launch_bounds__(kThreads) flat_kernel(const scalar_t* __restri
   if (i < n) {
     const acc_t v = static_cast<acc_t>(x[i]), t = target[i];
     acc_t g;
-    if constexpr (kKind == kL1) {
-      const bool valid = l1_valid(t, invalid);
-      bad = l1_malformed(t, invalid);
-      count = valid;
-      const acc_t d = v - t;
-      sum = valid ? fabs(d) : acc_t(0);
-      g = valid ? sign_of(d) : acc_t(0);
-    } else {
-      const acc_t z = exp_acc(-fabs(v));
-      bce_term(v, t, static_cast<acc_t>(*pos_weight), z, log1p_acc(z), sum, g);
-      count = 1;
-      bad = t != t;
-    }
+    flat_term<kKind>(v, t, static_cast<acc_t>(*pos_weight), invalid, sum, g, count, bad);
     grad[i] = static_cast<scalar_t>(g);
   }
   block_partial(sum, count, bad, part);

@@ -15,6 +15,8 @@ wrong gradient).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -54,8 +56,10 @@ def dense_loss(
     inplace_backward: see the module docstring (fused backends only).
     upsample: a prediction whose H x W differs from the target's is first resized to it
     bilinearly (align_corners=False, as F.interpolate and the survey's models); without it a
-    size mismatch is an error. The cpu backend resizes inside the loss pass (the full-size
-    prediction and its gradient never exist); the others run F.interpolate first, for now.
+    size mismatch is an error. The fused backends resize inside the loss pass: the full-size
+    prediction and its gradient never exist. On a GPU the gradient is gathered back by atomic
+    adds, so, as with F.interpolate's backward there, torch.use_deterministic_algorithms(True)
+    makes it an error (a warning with warn_only=True).
     A batch whose every pixel is ignored gives 0 with a zero gradient.
     """
     pred, target = check_args(pred, target, kind, pos_weight, invalid, upsample)
@@ -69,10 +73,12 @@ def dense_loss(
 def dense_loss_sums(pred, target, kind, pos_weight, invalid, backend, inplace_backward=False):
     """(sum of terms, count, malformed targets) of checked, prepared arguments on a resolved backend."""
     resize = pred.shape[-2:] != target.shape[-2:]
-    if resize and backend != "cpu":  # F.interpolate, then the loss at the target's size
+    if resize and backend == "reference":  # F.interpolate, then the loss at the target's size
         pred = F.interpolate(pred, size=tuple(target.shape[-2:]), mode="bilinear", align_corners=False)
         pred, target = pred.contiguous(), target.contiguous(memory_format=dense_format(pred))
         resize = False
+    if resize and backend == "triton" and pred.is_cuda:  # the CUDA op alerts by itself
+        _alert_not_deterministic("dense_loss_upsampled_triton")
     if backend == "reference":
         total, count, bad = _reference.dense_loss(pred, target, kind, pos_weight, invalid)
         return total, count.to(total.dtype), bad
@@ -80,12 +86,28 @@ def dense_loss_sums(pred, target, kind, pos_weight, invalid, backend, inplace_ba
         pos_weight = 1.0 - (target >= 0.5).sum(dtype=torch.float64) / target.numel()
     else:
         pos_weight = torch.tensor(0.0 if pos_weight is None else pos_weight, dtype=torch.float64, device=pred.device)
-    if resize:
-        op = torch.ops.mtl_kernels.dense_loss_upsampled
+    ops = torch.ops.mtl_kernels
+    if backend == "triton":
+        op = ops.dense_loss_upsampled_triton if resize else ops.dense_loss_triton
     else:
-        op = torch.ops.mtl_kernels.dense_loss_triton if backend == "triton" else torch.ops.mtl_kernels.dense_loss
+        op = ops.dense_loss_upsampled if resize else ops.dense_loss
     stats, _ = op(pred, target, _KIND_CODE[kind], pos_weight, _INVALID_CODE[invalid], inplace_backward)
     return stats[0], stats[1], stats[2]
+
+
+def _alert_not_deterministic(what: str) -> None:
+    # As ATen's alertNotDeterministic: atomic adds order the gradient's rounding differently per run.
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    message = (
+        f"{what} does not have a deterministic implementation (it gathers the gradient by atomic "
+        "adds), but you set torch.use_deterministic_algorithms(True). Upsample with F.interpolate "
+        "before the loss, or pass warn_only=True to use_deterministic_algorithms."
+    )
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, stacklevel=4)
+    else:
+        raise RuntimeError(message)
 
 
 def raise_if_malformed(bad: torch.Tensor, kind: str, classes: int) -> None:
@@ -188,27 +210,21 @@ def _backward_with(scale_op):
     return backward
 
 
-def _register(suffix: str) -> None:
-    name = f"mtl_kernels::dense_loss{suffix}"
-    torch.library.register_fake(name)(_fake)
-    if suffix == "":
-        _register_upsampled()
-    # Triton: torch's multiply (on a GPU the caching allocator makes its fresh output cheap).
-    scale_op = torch.ops.mtl_kernels.dense_loss_backward if suffix == "" else torch.mul
-    torch.library.register_autograd(name, _backward_with(scale_op), setup_context=_setup_context)
-
-
-def _register_upsampled() -> None:
-    name = "mtl_kernels::dense_loss_upsampled"
-    torch.library.register_fake(name)(_fake)  # the kept gradient is pred-sized here too
-    backward = _backward_with(torch.ops.mtl_kernels.dense_loss_backward)
-    torch.library.register_autograd(name, backward, setup_context=_setup_context)
+def _register(name: str, scale_op) -> None:
+    # The upsampled ops' kept gradient is pred-sized too, so one fake kernel serves all four.
+    torch.library.register_fake(f"mtl_kernels::{name}")(_fake)
+    torch.library.register_autograd(f"mtl_kernels::{name}", _backward_with(scale_op), setup_context=_setup_context)
 
 
 if _backend.compiled_error() is None:
     torch.library.register_fake("mtl_kernels::dense_loss_backward")(lambda grad, grad_sum: torch.empty_like(grad))
-    _register("")
+    for _name in ("dense_loss", "dense_loss_upsampled"):
+        _register(_name, torch.ops.mtl_kernels.dense_loss_backward)
 if "triton" in _backend.available_backends():
-    from ..triton import dense_loss as _triton_dense_loss  # noqa: F401  (defines the triton op)
+    # The triton ops (importing them defines them) scale by torch's multiply: on a GPU the
+    # caching allocator makes its fresh output cheap.
+    from ..triton import dense_loss as _triton_dense_loss  # noqa: F401
+    from ..triton import dense_loss_upsampled as _triton_dense_loss_upsampled  # noqa: F401
 
-    _register("_triton")
+    for _name in ("dense_loss_triton", "dense_loss_upsampled_triton"):
+        _register(_name, torch.mul)

@@ -35,6 +35,22 @@ def _store_partial(part_ptr, pid, total, count, bad):
 
 
 @triton.jit
+def _ce_online(m, s, xt, x, c, label):
+    """One channel slice x [BLOCK_C, BLOCK_P] into the running max m, sum of exp s and target logit xt."""
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[None, :]), axis=0)
+    xt += tl.sum(tl.where(c[:, None] == label[None, :], x, 0.0), axis=0)
+    return m_new, s, xt
+
+
+@triton.jit
+def _ce_grad(x, c, label, ok, m, inv):
+    """softmax - onehot of a channel slice; inv = 1 / sum of exp, 0 on ignored pixels."""
+    onehot = (c[:, None] == label[None, :]) & ok[None, :]
+    return tl.exp(x - m[None, :]) * inv[None, :] - onehot.to(x.dtype)
+
+
+@triton.jit
 def _ce_kernel(
     x_ptr, t_ptr, g_ptr, part_ptr, C, P, sB, sC, sP,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr,
@@ -58,10 +74,7 @@ def _ce_kernel(
         c = c0 + tl.arange(0, BLOCK_C)
         mask = (c < C)[:, None] & p_mask[None, :]
         x = tl.load(x_ptr + base + c[:, None] * sC, mask=mask, other=float("-inf")).to(ACC)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[None, :]), axis=0)
-        xt += tl.sum(tl.where(c[:, None] == label[None, :], x, 0.0), axis=0)
-        m = m_new
+        m, s, xt = _ce_online(m, s, xt, x, c, label)
     total = tl.sum(tl.where(ok, m + tl.log(s) - xt, 0.0))
     inv = tl.where(ok, 1.0 / s, 0.0)  # ignored pixels: gradient exactly 0
     # Pass 2: the gradient of the sum, softmax - onehot.
@@ -69,8 +82,7 @@ def _ce_kernel(
         c = c0 + tl.arange(0, BLOCK_C)
         mask = (c < C)[:, None] & p_mask[None, :]
         x = tl.load(x_ptr + base + c[:, None] * sC, mask=mask, other=0.0).to(ACC)
-        onehot = (c[:, None] == label[None, :]) & ok[None, :]
-        g = tl.exp(x - m[None, :]) * inv[None, :] - onehot.to(ACC)
+        g = _ce_grad(x, c, label, ok, m, inv)
         tl.store(g_ptr + base + c[:, None] * sC, g.to(g_ptr.dtype.element_ty), mask=mask)
     _store_partial(part_ptr, b * tl.num_programs(0) + tile, total, tl.sum(ok.to(tl.int32)), bad)
 
@@ -89,6 +101,18 @@ def _normals_kernel(
     x0 = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
     x1 = tl.load(x_ptr + off + sC, mask=mask, other=0.0).to(ACC)
     x2 = tl.load(x_ptr + off + 2 * sC, mask=mask, other=0.0).to(ACC)
+    t_ptrs = t_ptr + off
+    d0, d1, d2, total, count, bad = _normals_pixel(x0, x1, x2, t_ptrs, t_ptrs + sC, t_ptrs + 2 * sC, mask, BLOCK, ACC)
+    ty = g_ptr.dtype.element_ty
+    tl.store(g_ptr + off, d0.to(ty), mask=mask)
+    tl.store(g_ptr + off + sC, d1.to(ty), mask=mask)
+    tl.store(g_ptr + off + 2 * sC, d2.to(ty), mask=mask)
+    _store_partial(part_ptr, b * tl.num_programs(0) + tile, total, count, bad)
+
+
+@triton.jit
+def _normals_pixel(x0, x1, x2, t0_ptrs, t1_ptrs, t2_ptrs, mask, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """Loss sum, count and malformed count of BLOCK pixels, and the gradient of each channel."""
     norm = tl.sqrt(x0 * x0 + x1 * x1 + x2 * x2)
     n = norm + 1e-12  # the survey's normalisation
     total = tl.zeros((BLOCK,), ACC)
@@ -96,15 +120,11 @@ def _normals_kernel(
     bad = tl.zeros((BLOCK,), tl.int32)
     dot = tl.zeros((BLOCK,), ACC)
     # g_k = sign(q_k - t_k) on valid entries; dL/dp_j = g_j / n - p_j (g . p) / (|p| n^2)
-    g0, total, count, bad, dot = _normals_entry(x0, n, t_ptr + off, mask, total, count, bad, dot)
-    g1, total, count, bad, dot = _normals_entry(x1, n, t_ptr + off + sC, mask, total, count, bad, dot)
-    g2, total, count, bad, dot = _normals_entry(x2, n, t_ptr + off + 2 * sC, mask, total, count, bad, dot)
+    g0, total, count, bad, dot = _normals_entry(x0, n, t0_ptrs, mask, total, count, bad, dot)
+    g1, total, count, bad, dot = _normals_entry(x1, n, t1_ptrs, mask, total, count, bad, dot)
+    g2, total, count, bad, dot = _normals_entry(x2, n, t2_ptrs, mask, total, count, bad, dot)
     c = tl.where(norm > 0, dot / (norm * n * n), 0.0)
-    ty = g_ptr.dtype.element_ty
-    tl.store(g_ptr + off, (g0 / n - x0 * c).to(ty), mask=mask)
-    tl.store(g_ptr + off + sC, (g1 / n - x1 * c).to(ty), mask=mask)
-    tl.store(g_ptr + off + 2 * sC, (g2 / n - x2 * c).to(ty), mask=mask)
-    _store_partial(part_ptr, b * tl.num_programs(0) + tile, tl.sum(total), tl.sum(count), tl.sum(bad))
+    return g0 / n - x0 * c, g1 / n - x1 * c, g2 / n - x2 * c, tl.sum(total), tl.sum(count), tl.sum(bad)
 
 
 @triton.jit
@@ -120,16 +140,8 @@ def _normals_entry(x, n, t_ptrs, mask, total, count, bad, dot):
 
 
 @triton.jit
-def _flat_kernel(
-    x_ptr, t_ptr, g_ptr, part_ptr, w_ptr, N,
-    KIND: tl.constexpr, INVALID: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr,
-):  # fmt: skip
-    pid = tl.program_id(0)
-    start = pid.to(tl.int64) * BLOCK if INT64 else pid * BLOCK
-    i = start + tl.arange(0, BLOCK)
-    mask = i < N
-    x = tl.load(x_ptr + i, mask=mask, other=0.0).to(ACC)
-    t = tl.load(t_ptr + i, mask=mask, other=0.0)
+def _flat_terms(x, t, w_ptr, mask, KIND: tl.constexpr, INVALID: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """L1 (KIND 1) or balanced BCE terms of BLOCK elements: (loss, gradient, count, malformed)."""
     if KIND == 1:  # L1; holes are 255 (INVALID 0) or anything not > 0 (INVALID 1)
         if INVALID == 1:
             valid = mask & (t > 0)
@@ -154,6 +166,21 @@ def _flat_kernel(
         g = wt * (sigmoid - y)
         count = mask.to(tl.int32)
         bad = (mask & (t != t)).to(tl.int32)
+    return loss, g, count, bad
+
+
+@triton.jit
+def _flat_kernel(
+    x_ptr, t_ptr, g_ptr, part_ptr, w_ptr, N,
+    KIND: tl.constexpr, INVALID: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    start = pid.to(tl.int64) * BLOCK if INT64 else pid * BLOCK
+    i = start + tl.arange(0, BLOCK)
+    mask = i < N
+    x = tl.load(x_ptr + i, mask=mask, other=0.0).to(ACC)
+    t = tl.load(t_ptr + i, mask=mask, other=0.0)
+    loss, g, count, bad = _flat_terms(x, t, w_ptr, mask, KIND, INVALID, BLOCK, ACC)
     tl.store(g_ptr + i, g.to(g_ptr.dtype.element_ty), mask=mask)
     _store_partial(part_ptr, pid, tl.sum(loss), tl.sum(count), tl.sum(bad))
 
