@@ -426,6 +426,33 @@ def test_existing_grads_are_accumulated_into(mode):
         torch.testing.assert_close(p.grad, 2 * g)
 
 
+def test_channels_last_gradients_are_combined_in_place(monkeypatch):
+    """A channels_last conv trunk: the per-task gradients and .grad share the NHWC layout, so gram and
+    combine read and write them in place (no contiguous copy); .grad stays NHWC and accumulates."""
+    g = torch.Generator().manual_seed(0)
+    cl = torch.channels_last
+    trunk = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, dtype=DT), nn.Tanh()).to(memory_format=cl)
+    heads = [nn.Conv2d(6, 1, 1, dtype=DT).to(memory_format=cl) for _ in range(3)]
+    x = torch.randn(2, 3, 5, 5, generator=g, dtype=DT).to(memory_format=cl)
+    ys = [torch.randn(2, 1, 5, 5, generator=g, dtype=DT) * s for s in (1.0, 3.0, 0.5)]
+
+    def losses():
+        z = trunk(x)
+        return {t: ((h(z) - y) ** 2).mean() for t, h, y in zip("abc", heads, ys)}
+
+    weight = trunk[0].weight
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "contiguous", lambda *a, **k: pytest.fail("copied a gradient"))
+        w = B.MGDA(list("abc")).backward(losses(), shared_params=trunk.parameters())
+        assert weight.grad.is_contiguous(memory_format=cl)
+        first, ptr = weight.grad.clone(), weight.grad.data_ptr()
+        B.MGDA(list("abc")).backward(losses(), shared_params=trunk.parameters())
+    assert weight.grad.data_ptr() == ptr  # accumulated in place
+    want = torch.autograd.grad(sum(w[t] * loss for t, loss in losses().items()), weight)[0]
+    torch.testing.assert_close(first, want, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(weight.grad, 2 * first, rtol=1e-12, atol=1e-14)
+
+
 def test_a_parameter_left_out_of_shared_params_gets_the_plain_sum():
     tasks, net, x, y = setup(3)
     first = list(net.trunk[0].parameters())

@@ -91,6 +91,44 @@ def test_non_contiguous_gradients(backend):
     assert torch.allclose(gram(grads, backend=backend).double(), M @ M.T, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dense_layouts_read_in_place(backend, monkeypatch):
+    """Gradients that share one dense layout (channels_last conv weights, a transposed matrix) are read
+    and out written in place, with no copy; mixed layouts are copied and still right."""
+    from mtl_kernels.ops.gram import task_major
+
+    cl = torch.channels_last
+    grads = [[torch.randn(8, 3, 3, 3).to(memory_format=cl), torch.randn(7, 5).T, torch.randn(4)] for _ in range(3)]
+    w = torch.randn(3)
+    M = torch.stack([flat(task) for task in grads])
+    views = task_major(grads)
+    assert [v.data_ptr() for v in views] == [g.data_ptr() for task in grads for g in task]  # no copies
+    out = [torch.randn(8, 3, 3, 3).to(memory_format=cl), torch.randn(7, 5).T, torch.randn(4)]
+    start = [o.clone() for o in out]
+    with monkeypatch.context() as m:  # and no copy on the way either
+        m.setattr(torch.Tensor, "contiguous", lambda *a, **k: pytest.fail("copied a gradient"))
+        G = gram(grads, backend=backend)
+        got = combine(w, grads, out, accumulate=True, backend=backend)
+        fresh = combine(w, grads, backend=backend)
+    assert torch.allclose(G.double(), M @ M.T, rtol=1e-5)
+    assert all(g is o for g, o in zip(got, out))
+    assert out[0].is_contiguous(memory_format=cl) and fresh[0].is_contiguous(memory_format=cl)
+    for k in range(3):
+        want = sum(w[t].double() * grads[t][k].double() for t in range(3))
+        assert torch.allclose(out[k].double(), want + start[k].double(), atol=1e-5), k
+        assert torch.allclose(fresh[k].double(), want, atol=1e-5), k
+    # One task's gradient in another layout: copied contiguous, same result; out must then be contiguous.
+    mixed = [list(task) for task in grads]
+    mixed[1][0] = mixed[1][0].contiguous()
+    M = torch.stack([flat(task) for task in mixed])
+    assert torch.allclose(gram(mixed, backend=backend).double(), M @ M.T, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"out\[0\] must be contiguous, or share one dense layout"):
+        combine(w, mixed, [o.clone() for o in out], backend=backend)
+    plain = [o.contiguous() for o in out]
+    combine(w, mixed, plain, backend=backend)
+    assert torch.allclose(plain[0].double(), sum(w[t].double() * mixed[t][0].double() for t in range(3)), atol=1e-5)
+
+
 def test_bad_input():
     grads = task_grads(2, torch.float32, "cpu")
     with pytest.raises(TypeError, match="non-empty list of T per-task lists"):

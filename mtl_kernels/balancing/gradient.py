@@ -57,6 +57,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import ops
+from ..ops.gram import flat_views
 from .base import Balancer, check_losses
 
 
@@ -331,15 +332,10 @@ def per_task_grads(seeds: list[Tensor], shared: list[Tensor], others: list[Tenso
     extra: list[Tensor | None] = [None] * len(others)
     for t, seed in enumerate(seeds):
         if not seed.requires_grad:  # a constant loss (e.g. a task without labels in this batch)
-            grads.append([torch.zeros_like(x, memory_format=torch.contiguous_format) for x in shared])
+            grads.append([torch.zeros_like(x) for x in shared])  # x's layout, as autograd's gradients
             continue
         out = torch.autograd.grad(seed, inputs, retain_graph=t != last, allow_unused=True)
-        grads.append(
-            [
-                torch.zeros_like(x, memory_format=torch.contiguous_format) if g is None else g
-                for g, x in zip(out[:K], shared)
-            ]
-        )
+        grads.append([torch.zeros_like(x) if g is None else g for g, x in zip(out[:K], shared)])
         for j, g in enumerate(out[K:]):
             if g is not None:
                 extra[j] = g if extra[j] is None else extra[j] + g
@@ -383,9 +379,9 @@ def write_grads(params: list[Tensor], weights: Tensor, grads: list[list[Tensor]]
     for k, p in enumerate(params):
         if p.grad is None:
             groups["new"].append(k)
-        elif p.grad.is_contiguous():
-            groups["add"].append(k)
-        else:  # e.g. a channels_last .grad: the fused backends write contiguous outputs only
+        elif p.grad.is_contiguous() or flat_views([p.grad, *(task[k] for task in grads)]) is not None:
+            groups["add"].append(k)  # in place: contiguous, or one dense layout with its gradients
+        else:  # a .grad whose layout its gradients do not share
             groups["copy"].append(k)
     with torch.no_grad():
         for kind, ks in groups.items():

@@ -10,7 +10,7 @@ import torch
 
 from .. import _backend
 from .. import reference as _reference
-from .gram import check_grads, task_major
+from .gram import check_grads, flat_views, task_major
 
 IMPLEMENTED = ("reference", "cpu", "cuda", "triton")
 
@@ -27,7 +27,9 @@ def combine(
 
     weights: [T] tensor on the gradients' device (no host read-back); out: K tensors shaped like
     grads[0] (e.g. the shared parameters' .grad), written in place and returned; without out,
-    fresh tensors in grads[0]'s dtypes.
+    fresh tensors in grads[0]'s dtypes and layouts. The fused backends read and write in place
+    where out[k] and its gradients share one dense layout (channels_last ones included); otherwise
+    out[k] must be contiguous and the gradients are copied contiguous.
     """
     grads = check_grads("combine", grads)
     T, device = len(grads), grads[0][0].device
@@ -50,13 +52,16 @@ def combine(
     name = _backend.resolve(backend, device, "combine", IMPLEMENTED)
     if name == "reference":
         return _reference.combine(weights, grads, out, accumulate)
-    if out is None:
-        out = [torch.empty(g.shape, dtype=g.dtype, device=device) for g in grads[0]]
-    for k, o in enumerate(out):
-        if not o.is_contiguous():
-            raise ValueError(f"combine: out[{k}] must be contiguous for the fused backends (a parameter's .grad is)")
+    if out is None:  # in the gradients' layout where they share one, else contiguous
+        out = [
+            torch.empty_like(g)
+            if flat_views([task[k] for task in grads])
+            else torch.empty(g.shape, dtype=g.dtype, device=device)
+            for k, g in enumerate(grads[0])
+        ]
+    flat, flat_out = task_major(grads, out)  # 1-D views: out is written in place
     op = torch.ops.mtl_kernels.combine_triton if name == "triton" else torch.ops.mtl_kernels.combine
-    op(weights, task_major(grads), out, accumulate)
+    op(weights, flat, flat_out, accumulate)
     return out
 
 

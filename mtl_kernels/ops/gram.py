@@ -30,10 +30,48 @@ def gram(grads: Sequence[Sequence[torch.Tensor]], *, backend: str | None = None)
     return op(task_major(grads), len(grads))
 
 
-def task_major(grads: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-    """The fused kernels' argument: grads flattened task by task, each tensor contiguous (a copy
-    only for a non-contiguous one)."""
-    return [g.contiguous() for task in grads for g in task]
+def task_major(grads: list[list[torch.Tensor]], out: list[torch.Tensor] | None = None):
+    """The fused kernels' arguments: every gradient as a 1-D tensor, task by task (and out's likewise).
+
+    Where all of tensor k's gradients (and out[k]) share one dense layout, NCHW, channels_last or any
+    other, they are read in place through 1-D views: their elements pair up position by position in
+    memory, which is all a dot product or a weighted sum needs. Otherwise the gradients are copied
+    contiguous, and then out[k] must be contiguous itself.
+    """
+    K = len(grads[0])
+    columns = []
+    for k in range(K):
+        column = [task[k] for task in grads] + ([out[k]] if out is not None else [])
+        views = flat_views(column)
+        if views is None:
+            if out is not None and not out[k].is_contiguous():
+                raise ValueError(
+                    f"combine: out[{k}] must be contiguous, or share one dense layout with its gradients "
+                    f"(strides {tuple(out[k].stride())} against {tuple(grads[0][k].stride())})"
+                )
+            views = [g.contiguous().view(-1) for g in column]
+        columns.append(views)
+    flat = [columns[k][t] for t in range(len(grads)) for k in range(K)]
+    return flat if out is None else (flat, [columns[k][-1] for k in range(K)])
+
+
+def flat_views(tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """1-D views of tensors that all have one set of strides covering their storage span densely
+    (every element once, no gaps); None otherwise."""
+    t0 = tensors[0]
+    if any(t.stride() != t0.stride() for t in tensors) or not _dense(t0):
+        return None
+    return [t.as_strided((t.numel(),), (1,)) for t in tensors]
+
+
+def _dense(t: torch.Tensor) -> bool:
+    # Strides, smallest first, must be those of a contiguous tensor of the permuted shape.
+    expected = 1
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def check_grads(op: str, grads) -> list[list[torch.Tensor]]:
