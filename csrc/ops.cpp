@@ -89,4 +89,9 @@ TORCH_LIBRARY(mtl_kernels, m) {
   // combine: out[k] = sum_t weights[t] * grads[t*K+k] (out[k] += ... when accumulate), summed
   // in float32 (float64 for float64 gradients); weights [T] on the gradients' device.
   m.def("combine(Tensor weights, Tensor[] grads, Tensor(a!)[] out, bool accumulate) -> ()");
+
+  // The edge metric's boundary matching (mtl_kernels/metrics/_matching.py; CPU only): the sizes
+  // of maximum-cardinality matchings of the bipartite graph with edges (left[i], right[i]),
+  // i < ends[k], for each k. left, right, ends: int64 [E], [E], [K]; ends non-decreasing.
+  m.def("bipartite_matching_sizes(Tensor left, Tensor right, int num_left, int num_right, Tensor ends) -> Tensor");
 }

@@ -8,6 +8,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 import mtl_kernels as mk
+from mtl_kernels import available_backends
 from mtl_kernels.metrics import (
     DepthMeter,
     EdgeMeter,
@@ -20,7 +21,10 @@ from mtl_kernels.metrics import (
     edge_counts,
     task_deltas,
 )
+from mtl_kernels.metrics._matching import matching_sizes
 from mtl_kernels.metrics.edge import _thin_dense, thin
+
+MATCHING_BACKENDS = [b for b in ("reference", "cpu") if b in available_backends()]
 
 # ----------------------------------------------------------------------------- semseg
 
@@ -364,17 +368,64 @@ def _brute_counts(pred, gt, thresholds, radius):
     return out
 
 
-def test_edge_matching_size_equals_an_exact_assignment():
+@pytest.mark.parametrize("backend", MATCHING_BACKENDS)
+@pytest.mark.parametrize("thin", [False, True])
+def test_edge_matching_size_equals_an_exact_assignment(backend, thin):
     rng = np.random.default_rng(0)
     thr = [0.2, 0.5, 0.8]
     for _ in range(4):
         gt = (rng.random((30, 40)) < 0.08).astype(np.float32)
         pred = rng.random((30, 40)) * (rng.random((30, 40)) < 0.3)
-        c = edge_counts(pred, gt, thr, max_dist=0.04)  # radius 2 pixels
+        c = edge_counts(pred, gt, thr, max_dist=0.04, thin_pred=thin, backend=backend)  # radius 2 pixels
+        if thin:  # the thinned masks, thresholded again: a binary map at 0.5 is its own mask
+            pred = thin_masks(pred, thr)
+            expect = [_brute_counts(p, gt, [0.5], 0.04 * 50)[0] for p in pred]
+            assert c[0].tolist() == expect and c[2].tolist() == expect
+            continue
         expect = _brute_counts(pred, gt, thr, 0.04 * 50)
         assert c[0].tolist() == expect and c[2].tolist() == expect
         assert c[1].tolist() == [int(gt.sum())] * 3
         assert c[3].tolist() == [int((pred >= t).sum()) for t in thr]
+
+
+def thin_masks(pred, thr):
+    return [thin(pred >= t).astype(np.float64) for t in thr]
+
+
+@pytest.mark.skipif("cpu" not in MATCHING_BACKENDS, reason="needs the compiled kernels")
+def test_matching_sizes_equal_scipy_on_random_graphs():
+    """The compiled Hopcroft-Karp (one matching grown through nested prefixes) against scipy's,
+    prefix by prefix: sparse and dense graphs, duplicate edges, empty prefixes, unreached vertices."""
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        n_left, n_right = rng.integers(1, 60, size=2)
+        edges = int(rng.integers(0, 6 * max(n_left, n_right)))
+        left, right = rng.integers(0, n_left, edges), rng.integers(0, n_right, edges)
+        ends = np.sort(rng.integers(0, edges + 1, size=5))
+        got = matching_sizes(left, right, n_left, n_right, ends, backend="cpu")
+        want = matching_sizes(left, right, n_left, n_right, ends, backend="reference")
+        assert got.tolist() == want.tolist(), trial
+        assert np.all(np.diff(got) >= 0)
+
+
+@pytest.mark.skipif("cpu" not in MATCHING_BACKENDS, reason="needs the compiled kernels")
+def test_matching_on_line_boundaries_and_bad_input():
+    """Boundary maps of lines give the layered graphs on which scipy's matching can take exponential
+    time (scipy issue 26147); both backends agree on such an image, and bad input is an error."""
+    g = np.zeros((60, 80))
+    g[::8, :] = 1
+    g[:, ::10] = 1
+    pred = np.clip(np.random.default_rng(1).random((60, 80)) * 0.6 + g * 0.5, 0, 1)
+    a = edge_counts(pred, g, 20, max_dist=0.04, backend="cpu")
+    assert np.array_equal(a, edge_counts(pred, g, 20, max_dist=0.04, backend="reference"))
+    with pytest.raises(ValueError, match="ends must be non-decreasing"):
+        matching_sizes([0, 1], [0, 0], 2, 1, [2, 1])
+    with pytest.raises(ValueError, match="left and right must be 1-D of one length"):
+        matching_sizes([0, 1], [0], 2, 1, [1])
+    with pytest.raises(RuntimeError, match=r"right vertices must be in \[0, num_right\)"):
+        matching_sizes([0, 1], [0, 3], 2, 2, [2], backend="cpu")
+    with pytest.raises(NotImplementedError, match="no 'cuda' backend"):
+        matching_sizes([0], [0], 1, 1, [1], backend="cuda")
 
 
 def test_thinning_equals_the_plain_parallel_algorithm():

@@ -30,7 +30,10 @@ What is done here, and how it differs:
 
 - Matching: a maximum-cardinality bipartite matching between predicted and ground-truth pixels
   joined when their distance is <= maxDist * diagonal (the same neighbourhood test, d^2 <= r^2,
-  as correspondPixels), by Hopcroft-Karp (scipy.sparse.csgraph.maximum_bipartite_matching), exact.
+  as correspondPixels), by Hopcroft-Karp, exact: the compiled one of this package
+  (metrics/_matching.py), which drops dead ends and grows one matching through the thresholds;
+  scipy's maximum_bipartite_matching is the reference (it can take exponential time on the
+  layered graphs that line-shaped boundaries give, scipy issue 26147).
   The counts depend only on the size of the matching, and correspondPixels' assignment is a
   maximum matching up to its sparse random outlier graph (it can, rarely, miss an augmenting
   path; it prints a warning then), so the counts are the same or, rarely, a few pixels higher.
@@ -64,10 +67,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import maximum_bipartite_matching
 
 from ._checks import as_tensor, map_bhw, nan, same_shape
+from ._matching import matching_sizes
 
 MAX_DIST = 0.0075
 MAX_DIST_NYUD = 0.011
@@ -213,15 +215,6 @@ def thin(mask):
 # ---------------------------------------------------------------------------------------------
 
 
-def _matching_size(g_idx: np.ndarray, p_idx: np.ndarray, n_g: int, n_p: int) -> int:
-    if g_idx.size == 0:
-        return 0
-    graph = csr_matrix((np.ones(g_idx.size, dtype=np.int8), (g_idx, p_idx)), shape=(n_g, n_p))
-    graph.sum_duplicates()
-    match = maximum_bipartite_matching(graph, perm_type="column")
-    return int((match >= 0).sum())
-
-
 def edge_counts(
     pred,
     gt,
@@ -230,10 +223,13 @@ def edge_counts(
     max_dist: float = MAX_DIST,
     thin_pred: bool = False,
     ignore_index: float = 255.0,
+    backend: str | None = None,
 ) -> np.ndarray:
     """[4, K] int64 counts (cntR, sumR, cntP, sumP) of one image, per threshold.
 
     pred: [H, W] edge probabilities; gt: [H, W] boundary map (non-zero: edge, ignore_index: left out).
+    backend: of the matching ("cpu": the compiled Hopcroft-Karp; "reference": scipy's, which can
+    take exponential time on line-shaped boundaries; default "auto", the compiled one when built).
     """
     prob = np.asarray(pred.detach().cpu().double() if isinstance(pred, torch.Tensor) else pred, dtype=np.float64)
     g = np.asarray(gt.detach().cpu() if isinstance(gt, torch.Tensor) else gt)
@@ -267,7 +263,7 @@ def edge_counts(
             if gi.size == 0:
                 continue
             uniq, p_ids = np.unique(pf, return_inverse=True)
-            m = _matching_size(gi, p_ids, n_g, uniq.size)
+            m = matching_sizes(gi, p_ids, n_g, uniq.size, [gi.size], backend=backend)[0]
             counts[0, k] = counts[2, k] = m
         return counts
     # no thinning: the predicted sets of decreasing thresholds are nested
@@ -289,14 +285,12 @@ def edge_counts(
     order = np.argsort(-p_val, kind="stable")
     g_idx, p_flat, p_val = g_idx[order], p_flat[order], p_val[order]
     uniq, p_ids = np.unique(p_flat, return_inverse=True)
-    # number of candidate pairs whose predicted pixel passes each threshold: a prefix of the sorted pairs
+    # number of candidate pairs whose predicted pixel passes each threshold: a prefix of the sorted
+    # pairs, growing as the threshold falls; one matching grows through them (highest threshold first)
     prefix = np.searchsorted(-p_val, -tt, side="right")
-    cache: dict[int, int] = {}
-    for k in range(K):
-        n = int(prefix[k])
-        if n not in cache:
-            cache[n] = _matching_size(g_idx[:n], p_ids[:n], n_g, uniq.size)
-        counts[0, k] = counts[2, k] = cache[n]
+    order = np.argsort(prefix, kind="stable")
+    sizes = matching_sizes(g_idx, p_ids, n_g, uniq.size, prefix[order], backend=backend)
+    counts[0, order] = counts[2, order] = sizes
     return counts
 
 
@@ -367,6 +361,7 @@ class EdgeMeter:
     thin: thin each binarised prediction (bwmorph 'thin', as BSDS) before matching; default False
         as the survey.
     logits: pred is a logit, passed through a sigmoid first (default: a probability).
+    backend: of the boundary matching, see edge_counts.
 
     update(pred, gt): pred [B, H, W] or [B, 1, H, W]; gt the same shape, a boundary map (non-zero
     edge, 0 background, ignore_index not evaluated). Matching runs on the CPU, image by image.
@@ -384,6 +379,7 @@ class EdgeMeter:
         thin: bool = False,
         logits: bool = False,
         ignore_index: float = 255.0,
+        backend: str | None = None,
     ):
         if not max_dist >= 0:
             raise ValueError(f"{self.name}: max_dist must be >= 0 (a fraction of the image diagonal), got {max_dist}")
@@ -392,6 +388,7 @@ class EdgeMeter:
         self.thin = bool(thin)
         self.logits = bool(logits)
         self.ignore_index = float(ignore_index)
+        self.backend = backend
         self.reset()
 
     def reset(self) -> None:
@@ -421,6 +418,7 @@ class EdgeMeter:
                     max_dist=self.max_dist,
                     thin_pred=self.thin,
                     ignore_index=self.ignore_index,
+                    backend=self.backend,
                 )
             )
 
