@@ -23,7 +23,7 @@ MTL_KERNELS_CUDA ?= auto
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 export CUDA_HOME ?= /usr/local/cuda
 
-SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
+SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h')
 BUILD_STAMP = build/.built-cuda-$(MTL_KERNELS_CUDA)-$(USE_SYSTEM_PYTHON)
 
 .PHONY: run test bench build clean

@@ -94,4 +94,7 @@ TORCH_LIBRARY(mtl_kernels, m) {
   // of maximum-cardinality matchings of the bipartite graph with edges (left[i], right[i]),
   // i < ends[k], for each k. left, right, ends: int64 [E], [E], [K]; ends non-decreasing.
   m.def("bipartite_matching_sizes(Tensor left, Tensor right, int num_left, int num_right, Tensor ends) -> Tensor");
+  // bwmorph(mask, 'thin', inf) of each slice of a bool [N, H, W] mask (CPU only), with the two
+  // sub-iterations' deletion tables (bool [256], indexed by the 8-neighbour code) from Python.
+  m.def("thin(Tensor mask, Tensor lut_first, Tensor lut_second) -> Tensor");
 }

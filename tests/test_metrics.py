@@ -428,21 +428,30 @@ def test_matching_on_line_boundaries_and_bad_input():
         matching_sizes([0], [0], 1, 1, [1], backend="cuda")
 
 
-def test_thinning_equals_the_plain_parallel_algorithm():
+@pytest.mark.parametrize("backend", MATCHING_BACKENDS)
+def test_thinning_equals_the_plain_parallel_algorithm(backend):
     rng = np.random.default_rng(1)
-    for _ in range(10):
+    for trial in range(12):
         H, W = rng.integers(5, 30, size=2)
         p = torch.from_numpy(rng.random((3, H, W)))
         p = torch.nn.functional.avg_pool2d(p[None], 3, 1, 1)[0]
         mask = p > rng.uniform(0.35, 0.6)
-        assert torch.equal(thin(mask), _thin_dense(mask))
+        if trial % 3 == 2:  # speckle noise, thick blocks touching the border, a [1, H, W] batch
+            mask = torch.from_numpy(rng.random((1, H, W)) < 0.5)
+            mask[:, : H // 2, : W // 2] = True
+        assert torch.equal(thin(mask, backend=backend), _thin_dense(mask))
     bar = np.zeros((9, 20), bool)
     bar[2:7, 2:18] = True
-    out = thin(bar)
+    out = thin(bar, backend=backend)
+    assert isinstance(out, np.ndarray) and out.dtype == bool and out.shape == bar.shape
     assert out.sum(0)[4:16].tolist() == [1] * 12  # one pixel wide
     line = np.zeros((5, 9), bool)
     line[2, 1:8] = True
-    assert np.array_equal(thin(line), line)
+    assert np.array_equal(thin(line, backend=backend), line)
+    batch = np.stack([bar[:5, :9], line, np.zeros((5, 9), bool)]).reshape(3, 1, 5, 9)  # any leading dims
+    assert np.array_equal(thin(batch, backend=backend)[:, 0], _thin_dense(torch.from_numpy(batch[:, 0])).numpy())
+    with pytest.raises(ValueError, match=r"thin: mask must be \[\.\.\., H, W\]"):
+        thin(np.zeros(5, bool), backend=backend)
 
 
 def test_edge_ignore_and_errors():

@@ -44,7 +44,9 @@ What is done here, and how it differs:
   the BSDS / edgesEvalImg default instead: each binary map is thinned to one-pixel-wide lines by
   the Lam-Lee-Suen parallel thinning that MATLAB's bwmorph(E, 'thin', inf) implements (two
   sub-iterations with look-up tables, until nothing changes), evaluating only the pixels that
-  can change (see thin()); slower than no thinning for thick predictions. No non-maximum
+  can change (see thin(); compiled in csrc/cpu/thin.cpp, the numpy version is its reference);
+  slower than no thinning for thick predictions (the thinned maps of successive thresholds
+  are not nested, so each threshold gets a matching of its own). No non-maximum
   suppression is applied in either case (neither the survey nor edgesEvalImg does; HED-style
   pipelines run NMS on their outputs before the evaluation).
 - Thresholds: K thresholds i / (K + 1), i = 1..K (99: 0.01 ... 0.99), or any list; ``pred >= t``.
@@ -68,6 +70,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .. import _backend
 from ._checks import as_tensor, map_bhw, nan, same_shape
 from ._matching import matching_sizes
 
@@ -155,7 +158,7 @@ def _thin_dense(mask: torch.Tensor) -> torch.Tensor:
             return x
 
 
-def thin(mask):
+def thin(mask, *, backend: str | None = None):
     """bwmorph(mask, 'thin', inf) of each [H, W] slice of a bool array [..., H, W] (numpy or torch, on the CPU).
 
     Same result as the parallel algorithm that evaluates every pixel at every sub-iteration, but only
@@ -163,6 +166,8 @@ def thin(mask):
     then the foreground neighbours of the pixels deleted in the two previous sub-iterations (a pixel
     whose neighbourhood did not change since the last sub-iteration of the same kind keeps its
     verdict). The work is about proportional to the number of deleted pixels, not to area x iterations.
+    backend: "cpu" the compiled loop (csrc/cpu/thin.cpp, slices in parallel), "reference" numpy over
+    all slices at once; default "auto", the compiled one when built.
     """
     global _LUTS
     if _LUTS is None:
@@ -170,8 +175,13 @@ def thin(mask):
     is_torch = isinstance(mask, torch.Tensor)
     m = mask.detach().cpu().numpy() if is_torch else np.asarray(mask)
     shape = m.shape
+    if len(shape) < 2:
+        raise ValueError(f"thin: mask must be [..., H, W], got shape {shape}")
     H, W = shape[-2], shape[-1]
     m = m.reshape(-1, H, W).astype(bool)
+    if _backend.resolve(backend, torch.device("cpu"), "thin", ("reference", "cpu")) == "cpu":
+        out = torch.ops.mtl_kernels.thin(torch.from_numpy(m), *_LUTS).reshape(shape)
+        return out if is_torch else out.numpy()
     vol = np.zeros((m.shape[0], H + 2, W + 2), dtype=np.uint8)  # zero border around every slice
     vol[:, 1:-1, 1:-1] = m
     flat = vol.reshape(-1)
@@ -228,8 +238,9 @@ def edge_counts(
     """[4, K] int64 counts (cntR, sumR, cntP, sumP) of one image, per threshold.
 
     pred: [H, W] edge probabilities; gt: [H, W] boundary map (non-zero: edge, ignore_index: left out).
-    backend: of the matching ("cpu": the compiled Hopcroft-Karp; "reference": scipy's, which can
-    take exponential time on line-shaped boundaries; default "auto", the compiled one when built).
+    backend: of the matching and the thinning ("cpu": the compiled Hopcroft-Karp and thinning;
+    "reference": scipy's matching, which can take exponential time on line-shaped boundaries, and
+    numpy's thinning; default "auto", the compiled ones when built).
     """
     prob = np.asarray(pred.detach().cpu().double() if isinstance(pred, torch.Tensor) else pred, dtype=np.float64)
     g = np.asarray(gt.detach().cpu() if isinstance(gt, torch.Tensor) else gt)
@@ -248,7 +259,7 @@ def edge_counts(
     counts = np.zeros((4, K), dtype=np.int64)
     counts[1] = n_g
     if thin_pred:
-        masks = thin(vals[None] >= np.maximum(thr, np.finfo(np.float64).eps)[:, None, None])
+        masks = thin(vals[None] >= np.maximum(thr, np.finfo(np.float64).eps)[:, None, None], backend=backend)
         counts[3] = masks.reshape(K, -1).sum(1)
         if n_g == 0 or counts[3].max() == 0:
             return counts
@@ -262,8 +273,7 @@ def edge_counts(
             gi, pf = g_all[hit], p_all[hit]
             if gi.size == 0:
                 continue
-            uniq, p_ids = np.unique(pf, return_inverse=True)
-            m = matching_sizes(gi, p_ids, n_g, uniq.size, [gi.size], backend=backend)[0]
+            m = matching_sizes(gi, pf, n_g, H * W, [gi.size], backend=backend)[0]  # pixels as vertex ids
             counts[0, k] = counts[2, k] = m
         return counts
     # no thinning: the predicted sets of decreasing thresholds are nested
