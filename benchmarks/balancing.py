@@ -141,10 +141,10 @@ def run(device: torch.device, quick: bool = False, impls: list[str] | None = Non
     print(f"{OP}: impls {impls}, device {harness.device_name(device)}", flush=True)
     rows = []
     for T in Ts:
-        for case in make_cases(T, device, impls, big=device.type == "cuda"):
-            print(f"  {case.impl:8s} T={T}", flush=True)
-            rows += harness.run_case(case, settings, modes=("forward",))
-            del case
+        cases = list(make_cases(T, device, impls, big=device.type == "cuda"))
+        print(f"  {','.join(c.impl for c in cases)} T={T}", flush=True)
+        rows += harness.run_cases(cases, settings, modes=("forward",))
+        del cases
         harness.release(device)
     return rows
 

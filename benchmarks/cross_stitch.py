@@ -110,10 +110,12 @@ def run(device: torch.device, quick: bool = False, impls: list[str] | None = Non
     for dtype in dtypes:
         for C in Cs:
             for T in Ts:
-                for case in make_cases(T, C, dtype, device, impls):
-                    print(f"  {case.impl:8s} T={T} C={C} {str(dtype).removeprefix('torch.')}", flush=True)
-                    rows += harness.run_case(case, settings)
-                    del case
+                cases = list(make_cases(T, C, dtype, device, impls))
+                print(
+                    f"  {','.join(c.impl for c in cases)} T={T} C={C} {str(dtype).removeprefix('torch.')}", flush=True
+                )
+                rows += harness.run_cases(cases, settings)
+                del cases
                 harness.release(device)
     return rows
 

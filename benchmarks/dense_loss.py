@@ -134,10 +134,13 @@ def run(device: torch.device, quick: bool = False, impls: list[str] | None = Non
     rows = []
     for dtype in dtypes:
         for name, res in configs:
-            for case in make_cases(name, res, B, dtype, device, impls):
-                print(f"  {case.impl:14s} {name} {res} B={B} {str(dtype).removeprefix('torch.')}", flush=True)
-                rows += harness.run_case(case, settings)
-                del case
+            cases = list(make_cases(name, res, B, dtype, device, impls))
+            print(
+                f"  {','.join(c.impl for c in cases)} {name} {res} B={B} {str(dtype).removeprefix('torch.')}",
+                flush=True,
+            )
+            rows += harness.run_cases(cases, settings)
+            del cases
             harness.release(device)
     return rows
 

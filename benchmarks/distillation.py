@@ -309,16 +309,20 @@ def run(device: torch.device, quick: bool = False, impls: list[str] | None = Non
     for dtype in dtypes:
         for make in (padnet_cases, gate_sum_cases):
             for T, C, H, W in grid:
-                for case in make(T, C, H, W, dtype, device, impls):
-                    print(f"  {case.op:20s} {case.impl:8s} T={T} C={C} {H}x{W} {_dtype_name(dtype)}", flush=True)
-                    rows += harness.run_case(case, settings)
-                    del case
+                cases = list(make(T, C, H, W, dtype, device, impls))
+                impl_names = ",".join(c.impl for c in cases)
+                print(f"  {cases[0].op:20s} {impl_names} T={T} C={C} {H}x{W} {_dtype_name(dtype)}", flush=True)
+                rows += harness.run_cases(cases, settings)
+                del cases
                 harness.release(device)
         for C, H, W in mtan_grid:
-            for case in mtan_cases(C, H, W, dtype, device, impls):
-                print(f"  {case.op:20s} {case.impl:8s} C={C} {H}x{W} {_dtype_name(dtype)}", flush=True)
-                rows += harness.run_case(case, settings)
-                del case
+            cases = list(mtan_cases(C, H, W, dtype, device, impls))
+            print(
+                f"  {'mtan_attention':20s} {','.join(c.impl for c in cases)} C={C} {H}x{W} {_dtype_name(dtype)}",
+                flush=True,
+            )
+            rows += harness.run_cases(cases, settings)
+            del cases
             harness.release(device)
     return rows
 

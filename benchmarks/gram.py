@@ -116,10 +116,14 @@ def run(device: torch.device, quick: bool = False, impls: list[str] | None = Non
     rows = []
     for dtype in dtypes:
         for T in Ts:
-            for case in make_cases(T, dtype, device, impls):
-                print(f"  {case.op:8s} {case.impl:8s} T={T} {str(dtype).removeprefix('torch.')}", flush=True)
-                rows += harness.run_case(case, settings, modes=("forward",))
-                del case
+            cases = list(make_cases(T, dtype, device, impls))
+            for op in dict.fromkeys(c.op for c in cases):  # gram, then combine: each op's impls together
+                group = [c for c in cases if c.op == op]
+                print(
+                    f"  {op:8s} {','.join(c.impl for c in group)} T={T} {str(dtype).removeprefix('torch.')}", flush=True
+                )
+                rows += harness.run_cases(group, settings, modes=("forward",))
+            del cases, group
             harness.release(device)
     return rows
 

@@ -1,11 +1,13 @@
 """A small benchmark harness shared by every op's benchmark.
 
 A benchmark builds `Case`s (one implementation of one op at one shape and
-dtype), hands each to `run_case`, and passes all the rows to `report`:
+dtype), hands the cases of each configuration to `run_cases` (which times
+them interleaved, so that the ratios between implementations survive a
+drifting machine), and passes all the rows to `report`:
 
     rows = []
-    for case in cases:
-        rows += run_case(case, settings=Settings.default(device))
+    for config in configs:
+        rows += run_cases(make_cases(config), settings=Settings.default(device))
     report(rows, device, save_results=True, title="my_op")
 
 Modes (all three measured from the same reps, see time_modes)
@@ -15,7 +17,8 @@ Modes (all three measured from the same reps, see time_modes)
   both      forward + backward
 
 Timing: a first call (and, for torch.compile, the compile), warm-up, then
-`reps` steps; median, p20 and p80 in ms. On CUDA with CUDA events after an
+`reps` steps, round-robin over the configuration's cases; median, p20 and
+p80 in ms. On CUDA with CUDA events after an
 L2 flush (as triton.testing.do_bench does); on CPU with time.perf_counter
 (the working sets here are far larger than the CPU caches, so no flush).
 Each rep starts with every leaf's .grad set to None, outside timing, so
@@ -352,10 +355,43 @@ def device_bandwidth_gbs(device) -> float:
 
 
 def run_case(case: Case, settings: Settings | None = None, modes: Sequence[str] = MODES) -> list[dict]:
-    """First call, warm-up, peak memory (one step), then timing; one row per mode."""
-    s = settings or Settings.default(case.device)
-    # First call: makes the output gradients (random, shaped like the outputs)
-    # and, for a compiled case, compiles forward then backward (compile_s).
+    """One case alone: run_cases([case], ...)."""
+    return run_cases([case], settings, modes)
+
+
+def run_cases(cases: Sequence[Case], settings: Settings | None = None, modes: Sequence[str] = MODES) -> list[dict]:
+    """The implementations of one configuration, timed interleaved; one row per case and mode.
+
+    Each case gets its first call, warm-up and peak-memory step in turn; then the timed reps go
+    round-robin, one rep of every case per round (the order rotating from round to round), so a
+    machine whose speed drifts during the run (page-fault costs, other load) skews every case
+    alike and the ratios between them hold. reps is the same for every case:
+    clamp(target_s x cases / (sum of their fastest steps), min_reps, max_reps).
+    """
+    cases = list(cases)
+    if not cases:
+        return []
+    s = settings or Settings.default(cases[0].device)
+    prepared = [_prepare(case, s, modes) for case in cases]
+    step_s = sum(p[3] for p in prepared)
+    reps = int(min(s.max_reps, max(s.min_reps, s.target_s * len(cases) / max(step_s, 1e-6))))
+    times = [{m: [] for m in modes} for _ in cases]
+    for r in range(reps):
+        for k in range(len(cases)):
+            i = (k + r) % len(cases)
+            for mode, ms in time_modes(cases[i], prepared[i][0], 1, modes).items():
+                times[i][mode] += ms
+    rows = []
+    for case, (_, first_s, peak_mib, _), t in zip(cases, prepared, times):
+        rows += _rows(case, t, reps, first_s, peak_mib, modes)
+    del prepared
+    gc.collect()
+    return rows
+
+
+def _prepare(case: Case, s: Settings, modes: Sequence[str]):
+    """First call (making the output gradients; for a compiled case, the compile), warm-up and the
+    peak-memory step: (grads, first call s, peak MiB, fastest step s)."""
     _clear_grads(case.leaves)
     sync(case.device)
     t0 = time.perf_counter()
@@ -370,13 +406,10 @@ def run_case(case: Case, settings: Settings | None = None, modes: Sequence[str] 
     del outs
     steps = [_step(case, grads, backward=backward) for _ in range(s.warmup)]
     steps.append(_step(case, grads, measure_memory=True, backward=backward))
-    peak_mib = steps[-1][2]
-    step_s = min(f + b for f, b, _ in steps)
-    reps = int(min(s.max_reps, max(s.min_reps, s.target_s / max(step_s, 1e-6))))
-    times = time_modes(case, grads, reps, modes)
-    del grads
-    gc.collect()
+    return grads, first_s, steps[-1][2], min(f + b for f, b, _ in steps)
 
+
+def _rows(case: Case, times: dict, reps: int, first_s: float, peak_mib, modes: Sequence[str]) -> list[dict]:
     bw_gbs, bw_how = device_bandwidth(case.device)
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     rows = []
@@ -405,6 +438,7 @@ def run_case(case: Case, settings: Settings | None = None, modes: Sequence[str] 
                 "torch": torch.__version__,
                 "commit": _git_commit(),
                 "date": date,
+                "interleaved": True,
             }
         )
     return rows

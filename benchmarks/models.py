@@ -151,13 +151,13 @@ def run(
     print(f"models: {names}; B={B}, {H} x {W}, fp32", flush=True)
     rows = []
     for name in names:
-        for case in model_cases(name, B, H, W, device, impls):
-            print(f"  train_step {name:13s} {case.impl:8s}", flush=True)
-            for row in harness.run_case(case, settings, modes=("forward",)):
-                row["mode"] = "step"
-                rows.append(row)
-            del case
-            harness.release(device)
+        cases = list(model_cases(name, B, H, W, device, impls))
+        print(f"  train_step {name:13s} {','.join(c.impl for c in cases)}", flush=True)
+        for row in harness.run_cases(cases, settings, modes=("forward",)):
+            row["mode"] = "step"
+            rows.append(row)
+        del cases
+        harness.release(device)
     return rows
 
 

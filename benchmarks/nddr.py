@@ -146,12 +146,11 @@ def run(device: torch.device, quick: bool = False, impls: list[str] | None = Non
     for dtype in dtypes:
         for T, C, H, W in grid:
             for bn in MODES_BN:
-                for case in make_cases(T, C, H, W, dtype, bn, device, impls):
-                    print(
-                        f"  {case.impl:8s} T={T} C={C} {H}x{W} bn={bn} {str(dtype).removeprefix('torch.')}", flush=True
-                    )
-                    rows += harness.run_case(case, settings)
-                    del case
+                cases = list(make_cases(T, C, H, W, dtype, bn, device, impls))
+                impl_names = ",".join(c.impl for c in cases)
+                print(f"  {impl_names} T={T} C={C} {H}x{W} bn={bn} {str(dtype).removeprefix('torch.')}", flush=True)
+                rows += harness.run_cases(cases, settings)
+                del cases
                 harness.release(device)
     return rows
 
