@@ -2,6 +2,8 @@
 #             (runs/main/: metrics, Delta_m, fused-vs-reference step time; 13 minutes on 2 cores, build included)
 # make test   build (CUDA kernels included, so CI proves they compile) and run every test
 # make bench  every benchmark, rows appended to benchmarks/results/<device>.json
+# make gpu-test   on a GPU machine: build, then only the tests marked cuda (CUDA and Triton on the GPU)
+# make gpu-bench  on a GPU machine: every benchmark on cuda, --quick (rows saved)
 #
 # By default these create .venv with the pinned requirements-dev.txt. On a
 # machine whose active Python already has torch (a GPU box without internet):
@@ -26,7 +28,7 @@ export CUDA_HOME ?= /usr/local/cuda
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h')
 BUILD_STAMP = build/.built-cuda-$(MTL_KERNELS_CUDA)-$(USE_SYSTEM_PYTHON)
 
-.PHONY: run test bench build clean
+.PHONY: run test bench gpu-test gpu-bench build clean
 
 run: build
 	$(PYTHON) python/demo_cross_stitch.py
@@ -38,6 +40,13 @@ test: build
 
 bench: build
 	$(PYTHON) -m benchmarks.run_all
+
+gpu-test: MTL_KERNELS_CUDA = 1
+gpu-test: build
+	MTL_KERNELS_EXPECT_CUDA=1 $(PYTHON) -m pytest tests -q -ra -m cuda
+
+gpu-bench: build
+	$(PYTHON) -m benchmarks.run_all --device cuda --quick
 
 build: $(BUILD_STAMP)
 
