@@ -101,7 +101,7 @@ def test_dense_layouts_read_in_place(backend, monkeypatch):
     grads = [[torch.randn(8, 3, 3, 3).to(memory_format=cl), torch.randn(7, 5).T, torch.randn(4)] for _ in range(3)]
     w = torch.randn(3)
     M = torch.stack([flat(task) for task in grads])
-    views = task_major(grads)
+    views, _ = task_major(grads)
     assert [v.data_ptr() for v in views] == [g.data_ptr() for task in grads for g in task]  # no copies
     out = [torch.randn(8, 3, 3, 3).to(memory_format=cl), torch.randn(7, 5).T, torch.randn(4)]
     start = [o.clone() for o in out]

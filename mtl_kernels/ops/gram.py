@@ -27,11 +27,13 @@ def gram(grads: Sequence[Sequence[torch.Tensor]], *, backend: str | None = None)
     if name == "reference":
         return _reference.gram(grads)
     op = torch.ops.mtl_kernels.gram_triton if name == "triton" else torch.ops.mtl_kernels.gram
-    return op(task_major(grads), len(grads))
+    return op(task_major(grads)[0], len(grads))
 
 
-def task_major(grads: list[list[torch.Tensor]], out: list[torch.Tensor] | None = None):
-    """The fused kernels' arguments: every gradient as a 1-D tensor, task by task (and out's likewise).
+def task_major(
+    grads: list[list[torch.Tensor]], out: list[torch.Tensor] | None = None
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """The fused kernels' arguments: (every gradient as a 1-D tensor, task by task; out's likewise, or None).
 
     Where all of tensor k's gradients (and out[k]) share one dense layout, NCHW, channels_last or any
     other, they are read in place through 1-D views: their elements pair up position by position in
@@ -52,7 +54,7 @@ def task_major(grads: list[list[torch.Tensor]], out: list[torch.Tensor] | None =
             views = [g.contiguous().view(-1) for g in column]
         columns.append(views)
     flat = [columns[k][t] for t in range(len(grads)) for k in range(K)]
-    return flat if out is None else (flat, [columns[k][-1] for k in range(K)])
+    return flat, (None if out is None else [columns[k][-1] for k in range(K)])
 
 
 def flat_views(tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
