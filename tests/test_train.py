@@ -132,6 +132,20 @@ def test_training_lowers_the_loss_and_writes_its_outputs(tmp_path):
     assert set(saved["best_metrics"]) >= {"semseg", "depth", "normals", "edge"}
 
 
+def test_best_checkpoint_is_a_second_name_that_keeps_its_epoch(tmp_path):
+    from mtl_kernels.train.checkpoint import link_atomic, save_atomic
+
+    last, best = str(tmp_path / "last.pt"), str(tmp_path / "best.pt")
+    save_atomic({"epoch": 1}, last)
+    link_atomic(last, best)
+    assert os.stat(last).st_ino == os.stat(best).st_ino  # no second copy on disk
+    save_atomic({"epoch": 2}, last)  # the next epoch replaces last.pt; best.pt keeps epoch 1
+    assert torch.load(best)["epoch"] == 1 and torch.load(last)["epoch"] == 2
+    link_atomic(last, best)  # a better epoch replaces best.pt in turn
+    assert torch.load(best)["epoch"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt"]  # no temporary left behind
+
+
 def test_resume_reaches_the_same_state(tmp_path):
     full = Trainer(tiny(tmp_path, name="full", epochs=3), progress=False)
     full.fit()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import tempfile
 
 import numpy as np
@@ -25,6 +26,25 @@ def save_atomic(obj, path: str) -> None:
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
+        raise
+
+
+def link_atomic(source: str, path: str) -> None:
+    """Makes `path` a second name of the finished file `source` (a hard link, renamed into place, so atomic
+    as save_atomic is); a copy where the file system has no hard links. A later os.replace of `source`
+    leaves `path` with the old contents, so best.pt can share last.pt's epoch without a second write."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".tmp-link-{os.getpid()}-{os.path.basename(path)}")
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
         raise
 
 

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 from .. import balancing, data, metrics, models
 from .. import nn as mknn
 from ..models import DEEP_SUPERVISION
-from .checkpoint import rng_state, save_atomic, seed_everything, set_rng_state
+from .checkpoint import link_atomic, rng_state, save_atomic, seed_everything, set_rng_state
 from .config import ConfigError
 
 GRADIENT_METHODS = ("GradNorm", "MGDA", "PCGrad", "CAGrad", "IMTLG", "NashMTL", "AlignedMTL", "UPGrad")
@@ -427,10 +427,12 @@ class Trainer:
             self.history.append(record)
             if self.rank == 0:
                 self.log(record)
-                if "val" in record and self.is_better(record["val"]):
+                better = "val" in record and self.is_better(record["val"])
+                if better:
                     self.best = {"epoch": self.epoch, "metrics": record["val"]}
-                    self.save(self.path("best.pt"))
                 self.save(self.path("last.pt"))
+                if better:  # the same state: a second name for last.pt, not a second write
+                    link_atomic(self.path("last.pt"), self.path("best.pt"))
         results = self.results(time.perf_counter() - t0)
         if self.rank == 0:
             os.makedirs(self.out_dir, exist_ok=True)
