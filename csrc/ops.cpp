@@ -70,8 +70,11 @@ TORCH_LIBRARY(mtl_kernels, m) {
       "dense_loss(Tensor pred, Tensor target, int kind, Tensor pos_weight, int invalid, bool inplace_backward)"
       " -> (Tensor, Tensor)");
   // Backward: grad_pred = grad * grad_sum, grad the forward's kept gradient of the sum and
-  // grad_sum (0-dim) the gradient flowing into the sum; a fresh tensor in grad's layout.
+  // grad_sum (0-dim) the gradient flowing into the sum; a fresh tensor in grad's layout. The
+  // product is taken in float (double for double grad): a half-precision 1/count underflows.
   m.def("dense_loss_backward(Tensor grad, Tensor grad_sum) -> Tensor");
+  // The same, scaling grad in place (inplace_backward).
+  m.def("dense_loss_backward_(Tensor(a!) grad, Tensor grad_sum) -> ()");
   // dense_loss of a prediction smaller (or larger) than its target, resized bilinearly
   // (align_corners=False, as F.interpolate) inside the pass: pred [B, C, h, w]; target
   // [B, H, W] int64 (cross-entropy) or contiguous [B, C, H, W]. Returns (stats, grad) with

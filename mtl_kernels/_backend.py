@@ -87,15 +87,30 @@ def _check_name(name) -> None:
         raise ValueError(f"backend must be one of {', '.join(_CHOICES)}, got {name!r}")
 
 
-def resolve(backend: str | None, device: torch.device, op: str, implemented: tuple[str, ...] = BACKENDS) -> str:
+def resolve(
+    backend: str | None,
+    device: torch.device,
+    op: str,
+    implemented: tuple[str, ...] = BACKENDS,
+    *,
+    tasks: int | None = None,
+    max_tasks: dict[str, int] | None = None,
+) -> str:
     """The backend that runs `op` on tensors on `device`; a clear error if it can't.
 
     implemented: the backends `op` has (an op may not have all four yet).
+    max_tasks: the most tasks a backend's kernels take (the CUDA kernels unroll over a
+    compile-time T); "auto" passes over a backend whose limit `tasks` exceeds.
     """
     name = _default if backend is None else backend
     _check_name(name)
     if name not in ("auto", *implemented):
         raise NotImplementedError(f"{op}: no {name!r} backend yet; {op} has {', '.join(implemented)}")
+    limits = max_tasks or {}
+
+    def takes(n: str) -> bool:
+        return tasks is None or tasks <= limits.get(n, tasks)
+
     if name == "auto":
         if device.type == "cuda":
             order = ("cuda", "triton", "reference")
@@ -103,7 +118,12 @@ def resolve(backend: str | None, device: torch.device, op: str, implemented: tup
             order = ("cpu", "reference")
         else:
             order = ("reference",)
-        return next(n for n in order if n in _AVAILABLE and n in implemented)
+        return next(n for n in order if n in _AVAILABLE and n in implemented and takes(n))
+    if not takes(name):
+        raise ValueError(
+            f"{op}: backend {name!r} takes at most {limits[name]} tasks, got {tasks}; "
+            "backend='auto' picks one that takes them all"
+        )
     if name == "reference":
         return name
     if name == "cpu" and device.type != "cpu":

@@ -362,9 +362,24 @@ def test_compiled_op_checks_its_arguments():
         torch.ops.mtl_kernels.cross_stitch([], torch.randn(1, 1, 3))
 
 
+def test_auto_passes_over_a_backend_whose_task_limit_is_exceeded(monkeypatch):
+    # As on a GPU machine: the CUDA kernels take at most 8 tasks (cross_stitch, gram, combine) or
+    # 16 (nddr); "auto" takes Triton beyond, an explicit backend="cuda" is a clear error.
+    monkeypatch.setattr(mk._backend, "_AVAILABLE", ("reference", "cuda", "triton"))
+    cuda = torch.device("cuda")
+    resolve = mk._backend.resolve
+    assert resolve("auto", cuda, "cross_stitch", tasks=8, max_tasks={"cuda": 8}) == "cuda"
+    assert resolve("auto", cuda, "cross_stitch", tasks=9, max_tasks={"cuda": 8}) == "triton"
+    assert resolve(None, cuda, "cross_stitch", tasks=9, max_tasks={"cuda": 8}) == "triton"
+    with pytest.raises(ValueError, match=r"backend 'cuda' takes at most 8 tasks, got 9"):
+        resolve("cuda", cuda, "cross_stitch", tasks=9, max_tasks={"cuda": 8})
+    monkeypatch.setattr(mk._backend, "_AVAILABLE", ("reference", "cuda"))
+    assert resolve("auto", cuda, "cross_stitch", tasks=9, max_tasks={"cuda": 8}) == "reference"
+
+
 @pytest.mark.cuda
 def test_cuda_backend_rejects_more_than_eight_tasks():
     xs, alpha = make_inputs(9, (1, 2, 3, 3), torch.float32, "cuda")
-    with pytest.raises(RuntimeError, match="up to 8 tasks"):
+    with pytest.raises(ValueError, match="at most 8 tasks"):
         cross_stitch(xs, alpha, backend="cuda")
-    check_against_reference(xs, alpha, "triton")  # the Triton kernels take any T
+    check_against_reference(xs, alpha, "auto")  # the Triton kernels take any T

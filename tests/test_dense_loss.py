@@ -189,6 +189,29 @@ def test_opcheck(backend, kind):
     torch.library.opcheck(up, (small, target.contiguous(), code, pos_weight, 0, False))
 
 
+@pytest.mark.parametrize("device, backend", CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_backward_scales_in_float(device, backend, dtype, inplace):
+    # 1/count of a 480 x 640 x 8 x 3 normals batch is subnormal in float16: a multiply in grad's
+    # dtype (torch.mul by a 0-dim CUDA tensor) rounds it to 1.19e-7, 12% low.
+    ops = torch.ops.mtl_kernels
+    scale_ops = {"triton": (ops.dense_loss_backward_triton, ops.dense_loss_backward_triton_)}
+    scale, scale_ = scale_ops.get(backend, (ops.dense_loss_backward, ops.dense_loss_backward_))
+    grad = (torch.randn(2, 3, 5, 7, device=device) * 100).to(dtype).contiguous(memory_format=torch.channels_last)
+    grad_sum = torch.tensor(1 / (3 * 8 * 480 * 640), dtype=torch.float64, device=device)
+    want = (grad.double() * grad_sum).to(dtype)
+    if inplace:
+        got = grad.clone()
+        scale_(got, grad_sum)
+    else:
+        got = scale(grad, grad_sum)
+        assert got.stride() == grad.stride()
+    # One unit in the last place: the Triton interpreter truncates float32 to bfloat16.
+    torch.testing.assert_close(got, want, rtol=torch.finfo(dtype).eps, atol=0)
+    torch.library.opcheck(scale_ if inplace else scale, (grad.clone(), grad_sum))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compile_fullgraph(backend):
     pred, target = make("cross_entropy", (2, 4, 5, 6))

@@ -72,6 +72,33 @@ def test_combine_fresh_and_mixed_dtypes(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_combine_into_another_dtype(device, backend, accumulate):
+    # float32 .grad buffers of bfloat16 task gradients (and the other way round): out keeps its dtype
+    grads = [[torch.randn(3000, device=device).bfloat16(), torch.randn(5, 7, device=device)] for _ in range(3)]
+    out = [torch.randn(3000, device=device), torch.randn(5, 7, device=device).bfloat16()]
+    before = [o.double() for o in out]
+    w = torch.tensor([1.0, -0.5, 2.0], device=device)
+    combine(w, grads, out, accumulate=accumulate, backend=backend)
+    assert [o.dtype for o in out] == [torch.float32, torch.bfloat16]
+    for k, tol in ((0, 1e-5), (1, 1e-2)):
+        want = sum(w[t].double() * grads[t][k].double() for t in range(3)) + (before[k] if accumulate else 0)
+        assert torch.allclose(out[k].double(), want, rtol=tol, atol=tol), k
+
+
+@pytest.mark.parametrize("device,backend", [pytest.param("cuda", "auto", marks=pytest.mark.cuda)])
+def test_more_tasks_than_the_cuda_kernels_unroll(device, backend):
+    grads = [[torch.randn(100, device=device), torch.randn(3, 4, device=device)] for _ in range(9)]
+    G = gram(grads, backend=backend)  # auto: Triton, as the CUDA kernels take at most 8
+    M = torch.stack([flat(task) for task in grads])
+    assert torch.allclose(G.double(), M @ M.T, rtol=1e-5)
+    out = combine(torch.ones(9, device=device), grads, backend=backend)
+    assert torch.allclose(out[0], sum(g[0] for g in grads), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="at most 8 tasks"):
+        gram(grads, backend="cuda")
+
+
+@pytest.mark.parametrize("device,backend", CASES)
 def test_block_boundaries_and_empty_tensors(device, backend):
     # around the CPU chunk (16384), the CUDA block chunk (2048) and the Triton block (1024)
     shapes = [(0,), (1,), (1023,), (1024,), (1025,), (2047,), (2049,), (16383,), (16384,), (16385,), (0, 3)]

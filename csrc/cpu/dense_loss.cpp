@@ -84,11 +84,10 @@ std::tuple<at::Tensor, at::Tensor> dense_loss_cpu(const at::Tensor& pred, const 
 // One streaming pass; its own kernel rather than at::mul so the fresh output
 // gets huge pages (a 100 MB gradient otherwise costs more in page faults than
 // in the multiply).
-at::Tensor dense_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& grad_sum) {
+// out = grad * grad_sum in acc_t; out may be grad itself.
+void scale_cpu(const at::Tensor& grad, const at::Tensor& grad_sum, at::Tensor& out) {
   TORCH_CHECK(grad.is_non_overlapping_and_dense(), "dense_loss_backward: grad must be dense");
   TORCH_CHECK(grad_sum.numel() == 1, "dense_loss_backward: grad_sum must hold one value");
-  at::Tensor out = at::empty_like(grad);
-  prefer_huge_pages(out);
   const double s = grad_sum.item<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "dense_loss_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -99,14 +98,23 @@ at::Tensor dense_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& gra
       for (int64_t i = begin; i < end; ++i) o[i] = static_cast<scalar_t>(static_cast<acc_t>(g[i]) * scale);
     });
   });
+}
+
+at::Tensor dense_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& grad_sum) {
+  at::Tensor out = at::empty_like(grad);
+  prefer_huge_pages(out);
+  scale_cpu(grad, grad_sum, out);
   return out;
 }
+
+void dense_loss_backward_inplace_cpu(at::Tensor& grad, const at::Tensor& grad_sum) { scale_cpu(grad, grad_sum, grad); }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mtl_kernels, CPU, m) {
   m.impl("dense_loss", &dense_loss_cpu);
   m.impl("dense_loss_backward", &dense_loss_backward_cpu);
+  m.impl("dense_loss_backward_", &dense_loss_backward_inplace_cpu);
 }
 
 }  // namespace mtl_kernels

@@ -18,6 +18,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <tuple>
 
@@ -103,6 +104,7 @@ std::tuple<at::Tensor, at::Tensor> dense_loss_cuda(const at::Tensor& pred, const
   const at::cuda::OptionalCUDAGuard guard(pred.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
   at::Tensor grad = at::empty_like(pred);
+  if (pred.numel() == 0) return {at::zeros({3}, pred.options().dtype(at::kDouble)), grad};  // no 0-block launch
   const int64_t W = pred.size(3), P = pred.size(2) * W;
   const Pixels px{P, pred.stride(0), pred.stride(1), W > 1 ? pred.stride(3) : pred.stride(2)};
   const int64_t items = flat ? pred.numel() : pred.size(0) * P;
@@ -137,12 +139,42 @@ std::tuple<at::Tensor, at::Tensor> dense_loss_cuda(const at::Tensor& pred, const
   return {part.sum(0), grad};
 }
 
-// One elementwise multiply by a device scalar (no host read-back); the caching
-// allocator makes the fresh output cheap, so at::mul is all it takes.
-at::Tensor dense_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& grad_sum) {
+// o = g * s with s read from device memory (no host read-back) and the product taken in
+// acc_t: at::mul would first round a device scalar to grad's dtype, and 1/count is below
+// half precision's normal range for any count over 16384. o may be g (in place).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) scale_kernel(const scalar_t* g, scalar_t* o, int64_t n,
+                                                         const double* __restrict s) {
+  const acc_t scale = static_cast<acc_t>(*s);
+  for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < n; i += int64_t(gridDim.x) * kThreads)
+    o[i] = static_cast<scalar_t>(static_cast<acc_t>(g[i]) * scale);
+}
+
+void scale_cuda(const at::Tensor& grad, const at::Tensor& grad_sum, at::Tensor& out) {
+  TORCH_CHECK(grad.is_non_overlapping_and_dense(), "dense_loss_backward: grad must be dense");
   TORCH_CHECK(grad_sum.numel() == 1, "dense_loss_backward: grad_sum must hold one value");
   const at::cuda::OptionalCUDAGuard guard(grad.device());
-  return at::mul(grad, grad_sum.reshape({}).to(grad.device()));
+  const int64_t n = grad.numel();
+  if (n == 0) return;
+  const at::Tensor s = grad_sum.to(grad.device(), at::kDouble).contiguous();
+  // Elementwise over memory: grad and out share one dense layout (out is grad or empty_like(grad)).
+  const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, 65536);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "dense_loss_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scale_kernel<scalar_t, acc_t><<<static_cast<unsigned>(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        grad.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n, s.const_data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+at::Tensor dense_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& grad_sum) {
+  at::Tensor out = at::empty_like(grad);
+  scale_cuda(grad, grad_sum, out);
+  return out;
+}
+
+void dense_loss_backward_inplace_cuda(at::Tensor& grad, const at::Tensor& grad_sum) {
+  scale_cuda(grad, grad_sum, grad);
 }
 
 }  // namespace
@@ -150,6 +182,7 @@ at::Tensor dense_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& gr
 TORCH_LIBRARY_IMPL(mtl_kernels, CUDA, m) {
   m.impl("dense_loss", &dense_loss_cuda);
   m.impl("dense_loss_backward", &dense_loss_backward_cuda);
+  m.impl("dense_loss_backward_", &dense_loss_backward_inplace_cuda);
 }
 
 }  // namespace mtl_kernels

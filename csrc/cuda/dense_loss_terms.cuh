@@ -32,7 +32,7 @@ __device__ void block_partial(acc_t sum, acc_t count, acc_t bad, double* __restr
   if (threadIdx.x < 3) {
     double total = 0;
     for (int w = 0; w < kLossThreads / 32; ++w) total += smem[threadIdx.x][w];
-    out[blockIdx.x * 3 + threadIdx.x] = total;
+    out[int64_t(blockIdx.x) * 3 + threadIdx.x] = total;
   }
 }
 
@@ -41,11 +41,11 @@ __device__ void block_partial(acc_t sum, acc_t count, acc_t bad, double* __restr
 template <typename acc_t, typename Logit>
 __device__ __forceinline__ void ce_softmax_stats(const Logit& logit, int64_t C, int64_t label, acc_t& m, acc_t& s,
                                                  acc_t& xt) {
-  m = -1e30, s = 0, xt = 0;
+  m = -INFINITY, s = 0, xt = 0;  // as the CPU: any finite logits, however negative
   for (int64_t c = 0; c < C; ++c) {
     const acc_t v = logit(c);
     const acc_t m_new = v > m ? v : m;
-    s = s * exp_acc(m - m_new) + exp_acc(v - m_new);
+    s = (c == 0 ? acc_t(0) : s * exp_acc(m - m_new)) + exp_acc(v - m_new);
     m = m_new;
     xt = c == label ? v : xt;
   }

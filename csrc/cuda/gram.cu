@@ -29,17 +29,18 @@ constexpr int64_t kChunk = int64_t(kThreads) * kPerThread;  // elements per bloc
 constexpr int kMaxT = 8;                                     // tasks
 constexpr int kMaxL = 32;                                    // tensors per launch
 
-template <typename scalar_t>
-struct Group {  // up to kMaxL tensors of one dtype; block b works on tensor l with first[l] <= b < first[l + 1]
+template <typename scalar_t, typename out_t = scalar_t>
+struct Group {  // up to kMaxL tensors of one dtype (out: of one dtype too); block b works on tensor l
+                // with first[l] <= b < first[l + 1]
   const scalar_t* g[kMaxT][kMaxL];
-  scalar_t* out[kMaxL];
+  out_t* out[kMaxL];
   int64_t numel[kMaxL];
   int32_t first[kMaxL + 1];
   int n;
 };
 
-template <typename scalar_t>
-__device__ __forceinline__ int find_tensor(const Group<scalar_t>& grp, int block) {
+template <typename G>
+__device__ __forceinline__ int find_tensor(const G& grp, int block) {
   int l = 0;
   while (l + 1 < grp.n && grp.first[l + 1] <= block) ++l;
   return l;
@@ -81,8 +82,8 @@ __global__ void __launch_bounds__(kThreads) gram_kernel(const __grid_constant__ 
   }
 }
 
-template <int T, typename scalar_t>
-__global__ void __launch_bounds__(kThreads) combine_kernel(const __grid_constant__ Group<scalar_t> grp,
+template <int T, typename scalar_t, typename out_t>
+__global__ void __launch_bounds__(kThreads) combine_kernel(const __grid_constant__ Group<scalar_t, out_t> grp,
                                                            const at::opmath_type<scalar_t>* __restrict w,
                                                            bool accumulate) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -97,21 +98,21 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const __grid_constant
     acc_t acc = accumulate ? static_cast<acc_t>(grp.out[l][i]) : acc_t(0);
 #pragma unroll
     for (int t = 0; t < T; ++t) acc += wt[t] * static_cast<acc_t>(grp.g[t][l][i]);
-    grp.out[l][i] = static_cast<scalar_t>(acc);
+    grp.out[l][i] = static_cast<out_t>(acc);
   }
 }
 
 // Calls fn(group, blocks) for consecutive runs of tensors of one dtype, at most kMaxL each.
-template <typename scalar_t, typename Fn>
+template <typename scalar_t, typename out_t = scalar_t, typename Fn>
 void for_each_group(at::TensorList grads, at::TensorList out, int64_t T, int64_t K, const std::vector<int64_t>& ks,
                     Fn fn) {
-  Group<scalar_t> grp{};
+  Group<scalar_t, out_t> grp{};
   int32_t blocks = 0;
   auto flush = [&] {
     if (grp.n == 0) return;
     grp.first[grp.n] = blocks;
     fn(grp, blocks);
-    grp = Group<scalar_t>{};
+    grp = Group<scalar_t, out_t>{};
     blocks = 0;
   };
   for (const int64_t k : ks) {
@@ -119,7 +120,7 @@ void for_each_group(at::TensorList grads, at::TensorList out, int64_t T, int64_t
     if (n == 0) continue;
     const int l = grp.n++;
     for (int64_t t = 0; t < T; ++t) grp.g[t][l] = grads[t * K + k].const_data_ptr<scalar_t>();
-    grp.out[l] = out.empty() ? nullptr : out[k].mutable_data_ptr<scalar_t>();
+    grp.out[l] = out.empty() ? nullptr : out[k].mutable_data_ptr<out_t>();
     grp.numel[l] = n;
     grp.first[l] = blocks;
     const int64_t b = (n + kChunk - 1) / kChunk;
@@ -130,11 +131,12 @@ void for_each_group(at::TensorList grads, at::TensorList out, int64_t T, int64_t
   flush();
 }
 
-// The tensor indices of each dtype, in order.
-std::vector<std::pair<at::ScalarType, std::vector<int64_t>>> by_dtype(at::TensorList grads, int64_t K) {
-  std::vector<std::pair<at::ScalarType, std::vector<int64_t>>> groups;
+// The tensor indices of each dtype (each pair of the gradients' and out's dtypes), in order.
+using DtypePair = std::pair<at::ScalarType, at::ScalarType>;
+std::vector<std::pair<DtypePair, std::vector<int64_t>>> by_dtype(at::TensorList grads, at::TensorList out, int64_t K) {
+  std::vector<std::pair<DtypePair, std::vector<int64_t>>> groups;
   for (int64_t k = 0; k < K; ++k) {
-    const auto dt = grads[k].scalar_type();
+    const DtypePair dt{grads[k].scalar_type(), out.empty() ? grads[k].scalar_type() : out[k].scalar_type()};
     auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& g) { return g.first == dt; });
     if (it == groups.end()) groups.push_back({dt, {k}});
     else it->second.push_back(k);
@@ -143,10 +145,10 @@ std::vector<std::pair<at::ScalarType, std::vector<int64_t>>> by_dtype(at::Tensor
 }
 
 template <int T>
-void gram_launch(at::TensorList grads, int64_t K, at::Tensor& G, at::ScalarType dt, const std::vector<int64_t>& ks) {
+void gram_launch(at::TensorList grads, int64_t K, at::Tensor& G, DtypePair dt, const std::vector<int64_t>& ks) {
   constexpr int kPairs = T * (T + 1) / 2;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "gram_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt.first, "gram_cuda", [&] {
     for_each_group<scalar_t>(grads, {}, T, K, ks, [&](const Group<scalar_t>& grp, int32_t blocks) {
       at::Tensor part = at::empty({blocks, kPairs}, G.options());
       gram_kernel<T, scalar_t><<<blocks, kThreads, 0, stream>>>(grp, part.mutable_data_ptr<double>());
@@ -158,14 +160,19 @@ void gram_launch(at::TensorList grads, int64_t K, at::Tensor& G, at::ScalarType 
 
 template <int T>
 void combine_launch(const at::Tensor& w, at::TensorList grads, at::TensorList out, int64_t K, bool accumulate,
-                    at::ScalarType dt, const std::vector<int64_t>& ks) {
+                    DtypePair dt, const std::vector<int64_t>& ks) {
   const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "combine_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt.first, "combine_cuda", [&] {
+    using in_t = scalar_t;
+    using acc_t = at::opmath_type<in_t>;
     const at::Tensor wa = w.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-    for_each_group<scalar_t>(grads, out, T, K, ks, [&](const Group<scalar_t>& grp, int32_t blocks) {
-      combine_kernel<T, scalar_t><<<blocks, kThreads, 0, stream>>>(grp, wa.const_data_ptr<acc_t>(), accumulate);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // out keeps its own dtype (float32 .grad of bfloat16 task gradients, say), as on the CPU.
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt.second, "combine_cuda_out", [&] {
+      using out_t = scalar_t;
+      for_each_group<in_t, out_t>(grads, out, T, K, ks, [&](const Group<in_t, out_t>& grp, int32_t blocks) {
+        combine_kernel<T, in_t, out_t><<<blocks, kThreads, 0, stream>>>(grp, wa.const_data_ptr<acc_t>(), accumulate);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
 }
@@ -203,19 +210,16 @@ at::Tensor gram_cuda(at::TensorList grads, int64_t T) {
   const int64_t pairs = T * (T + 1) / 2;
   at::Tensor packed = at::zeros({pairs}, grads[0].options().dtype(at::kDouble));
   bool any_double = false;
-  for (const auto& [dt, ks] : by_dtype(grads, K)) {
-    any_double |= dt == at::kDouble;
+  for (const auto& [dt, ks] : by_dtype(grads, {}, K)) {
+    any_double |= dt.first == at::kDouble;
     with_tasks<GramRun>(T, grads, K, packed, dt, ks);
   }
-  // packed upper triangle -> symmetric [T, T]
-  std::vector<int64_t> rows, cols;
-  for (int64_t s = 0; s < T; ++s)
-    for (int64_t t = s; t < T; ++t) rows.push_back(s), cols.push_back(t);
-  const auto opts = grads[0].options().dtype(at::kLong);
-  const at::Tensor r = at::tensor(rows, opts), c = at::tensor(cols, opts);
+  // packed upper triangle -> symmetric [T, T]. triu_indices is built on the device, in the
+  // packed order (s outer, t >= s inner): at::tensor of host vectors would synchronise.
+  const at::Tensor idx = at::triu_indices(T, T, 0, grads[0].options().dtype(at::kLong));
   at::Tensor G = at::zeros({T, T}, packed.options());
-  G.index_put_({r, c}, packed);
-  G.index_put_({c, r}, packed);
+  G.index_put_({idx[0], idx[1]}, packed);
+  G.index_put_({idx[1], idx[0]}, packed);
   return G.to(any_double ? at::kDouble : at::kFloat);
 }
 
@@ -225,12 +229,14 @@ void combine_cuda(const at::Tensor& weights, at::TensorList grads, at::TensorLis
   TORCH_CHECK(T <= kMaxT, "combine: the cuda backend takes 1 to ", kMaxT, " tasks, got ", T);
   TORCH_CHECK(int64_t(out.size()) == K, "combine: out must hold one tensor per gradient (", K, "), got ", out.size());
   for (int64_t k = 0; k < K; ++k)
-    TORCH_CHECK(out[k].sizes() == grads[k].sizes() && out[k].is_contiguous() &&
-                    out[k].scalar_type() == grads[k].scalar_type() && out[k].device() == grads[k].device(),
-                "combine: out[", k, "] must be contiguous, with grads[0][", k, "]'s shape, dtype and device");
+    TORCH_CHECK(out[k].sizes() == grads[k].sizes() && out[k].is_contiguous() && out[k].is_floating_point() &&
+                    out[k].device() == grads[k].device(),
+                "combine: out[", k, "] must be a contiguous floating-point tensor with grads[0][", k,
+                "]'s shape and device");
   TORCH_CHECK(weights.device() == grads[0].device(), "combine: weights must be on the gradients' device");
   const at::cuda::OptionalCUDAGuard guard(grads[0].device());
-  for (const auto& [dt, ks] : by_dtype(grads, K)) with_tasks<CombineRun>(T, weights, grads, out, K, accumulate, dt, ks);
+  for (const auto& [dt, ks] : by_dtype(grads, out, K))
+    with_tasks<CombineRun>(T, weights, grads, out, K, accumulate, dt, ks);
 }
 
 }  // namespace

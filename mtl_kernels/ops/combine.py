@@ -10,7 +10,7 @@ import torch
 
 from .. import _backend
 from .. import reference as _reference
-from .gram import check_grads, flat_views, task_major
+from .gram import MAX_TASKS, check_grads, flat_views, task_major
 
 IMPLEMENTED = ("reference", "cpu", "cuda", "triton")
 
@@ -42,14 +42,19 @@ def combine(
         if len(out) != len(grads[0]):
             raise ValueError(f"combine: out has {len(out)} tensors, expected {len(grads[0])} (one per gradient)")
         for k, o in enumerate(out):
-            if not isinstance(o, torch.Tensor) or o.shape != grads[0][k].shape or o.device != device:
+            if (
+                not isinstance(o, torch.Tensor)
+                or o.shape != grads[0][k].shape
+                or o.device != device
+                or not o.is_floating_point()
+            ):
                 raise ValueError(
-                    f"combine: out[{k}] must be a tensor of shape {tuple(grads[0][k].shape)} on {device}, "
-                    f"got {_describe(o)}"
+                    f"combine: out[{k}] must be a floating-point tensor of shape {tuple(grads[0][k].shape)} "
+                    f"on {device}, got {_describe(o)}"
                 )
     elif accumulate:
         raise ValueError("combine: accumulate=True needs out")
-    name = _backend.resolve(backend, device, "combine", IMPLEMENTED)
+    name = _backend.resolve(backend, device, "combine", IMPLEMENTED, tasks=len(grads), max_tasks=MAX_TASKS)
     if name == "reference":
         return _reference.combine(weights, grads, out, accumulate)
     if out is None:  # in the gradients' layout where they share one, else contiguous

@@ -16,6 +16,9 @@ from .. import reference as _reference
 from .._layout import dense_format, empty_like_all
 from ._checks import check_task_tensors
 
+# The CUDA kernels unroll over the tasks at compile time; "auto" takes Triton beyond.
+MAX_TASKS = {"cuda": 8}
+
 
 def cross_stitch(xs: Sequence[torch.Tensor], alpha: torch.Tensor, *, backend: str | None = None) -> list[torch.Tensor]:
     """ys[i] = sum_j alpha[i, j, c] * xs[j] for T task features xs[j] of shape [B, C, H, W].
@@ -27,7 +30,7 @@ def cross_stitch(xs: Sequence[torch.Tensor], alpha: torch.Tensor, *, backend: st
     """
     xs = list(xs)
     check_args(xs, alpha)
-    name = _backend.resolve(backend, xs[0].device, "cross_stitch")
+    name = _backend.resolve(backend, xs[0].device, "cross_stitch", tasks=len(xs), max_tasks=MAX_TASKS)
     if name == "reference":
         return _reference.cross_stitch(xs, alpha)
     if name == "triton":

@@ -198,33 +198,41 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward_with(scale_op):
+def _backward_with(scale, scale_):
     def backward(ctx, grad_stats, _grad_grad):
         (grad,) = ctx.saved_tensors
         if grad_stats is None:  # the loss took no part in what is differentiated
             return None, None, None, None, None, None
-        # d loss / d pred = (d loss / d sum) * (d sum / d pred)
-        scale = grad_stats[0]
-        return (grad.mul_(scale) if ctx.inplace else scale_op(grad, scale)), None, None, None, None, None
+        # d loss / d pred = (d loss / d sum) * (d sum / d pred), in float: not torch.mul, which
+        # on a GPU rounds the 0-dim factor to a half-precision grad's dtype first.
+        if ctx.inplace:
+            scale_(grad, grad_stats[0])
+            # A compiled op's mutation does not bump the version counter: bump it, so that a second
+            # backward through the overwritten gradient is autograd's error, not a wrong answer.
+            torch.autograd.graph.increment_version(grad)
+            return grad, None, None, None, None, None
+        return scale(grad, grad_stats[0]), None, None, None, None, None
 
     return backward
 
 
-def _register(name: str, scale_op) -> None:
+def _register(name: str, scale, scale_) -> None:
     # The upsampled ops' kept gradient is pred-sized too, so one fake kernel serves all four.
     torch.library.register_fake(f"mtl_kernels::{name}")(_fake)
-    torch.library.register_autograd(f"mtl_kernels::{name}", _backward_with(scale_op), setup_context=_setup_context)
+    torch.library.register_autograd(f"mtl_kernels::{name}", _backward_with(scale, scale_), setup_context=_setup_context)
 
 
 if _backend.compiled_error() is None:
     torch.library.register_fake("mtl_kernels::dense_loss_backward")(lambda grad, grad_sum: torch.empty_like(grad))
+    torch.library.register_fake("mtl_kernels::dense_loss_backward_")(lambda grad, grad_sum: None)
     for _name in ("dense_loss", "dense_loss_upsampled"):
-        _register(_name, torch.ops.mtl_kernels.dense_loss_backward)
+        _register(_name, torch.ops.mtl_kernels.dense_loss_backward, torch.ops.mtl_kernels.dense_loss_backward_)
 if "triton" in _backend.available_backends():
-    # The triton ops (importing them defines them) scale by torch's multiply: on a GPU the
-    # caching allocator makes its fresh output cheap.
+    # The triton ops (importing them defines them), their backward scaling included.
     from ..triton import dense_loss as _triton_dense_loss  # noqa: F401
     from ..triton import dense_loss_upsampled as _triton_dense_loss_upsampled  # noqa: F401
 
     for _name in ("dense_loss_triton", "dense_loss_upsampled_triton"):
-        _register(_name, torch.mul)
+        _register(
+            _name, torch.ops.mtl_kernels.dense_loss_backward_triton, torch.ops.mtl_kernels.dense_loss_backward_triton_
+        )

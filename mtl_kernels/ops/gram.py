@@ -13,6 +13,8 @@ from .. import reference as _reference
 from ._checks import FLOAT_DTYPES
 
 IMPLEMENTED = ("reference", "cpu", "cuda", "triton")
+# The CUDA kernels (gram and combine) unroll over the tasks at compile time; "auto" takes Triton beyond.
+MAX_TASKS = {"cuda": 8}
 
 
 def gram(grads: Sequence[Sequence[torch.Tensor]], *, backend: str | None = None) -> torch.Tensor:
@@ -23,7 +25,7 @@ def gram(grads: Sequence[Sequence[torch.Tensor]], *, backend: str | None = None)
     Norms are the diagonal.
     """
     grads = check_grads("gram", grads)
-    name = _backend.resolve(backend, grads[0][0].device, "gram", IMPLEMENTED)
+    name = _backend.resolve(backend, grads[0][0].device, "gram", IMPLEMENTED, tasks=len(grads), max_tasks=MAX_TASKS)
     if name == "reference":
         return _reference.gram(grads)
     op = torch.ops.mtl_kernels.gram_triton if name == "triton" else torch.ops.mtl_kernels.gram

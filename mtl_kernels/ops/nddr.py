@@ -19,6 +19,8 @@ from .._layout import dense_format, empty_like_all
 from ._checks import check_task_tensors
 
 IMPLEMENTED = ("reference", "cpu", "cuda", "triton")
+# The CUDA kernels take the task pointers in their arguments; "auto" takes Triton beyond.
+MAX_TASKS = {"cuda": 16}
 
 
 def nddr(
@@ -44,7 +46,7 @@ def nddr(
     """
     xs = list(xs)
     check_args(xs, weight, bn_weight, bn_bias, running_mean, running_var, training)
-    name = _backend.resolve(backend, xs[0].device, "nddr", IMPLEMENTED)
+    name = _backend.resolve(backend, xs[0].device, "nddr", IMPLEMENTED, tasks=len(xs), max_tasks=MAX_TASKS)
     if name == "reference":
         return _reference.nddr(xs, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
     train_op, eval_op = _OPS[name]

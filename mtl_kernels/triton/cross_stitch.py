@@ -19,8 +19,6 @@ contiguous and vectorises / coalesces along it in either layout.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 from typing import NamedTuple
 
 import torch
@@ -28,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .._layout import dense_format, empty_like_all
+from . import _device
 
 _NUM_WARPS = 4
 # channels_last tiles are at most this wide in C, so that a tile spans several
@@ -222,27 +221,10 @@ def _plan(shape, fmt: torch.memory_format, dtype: torch.dtype, T: int, backward:
     return _Plan(block_c, block_r, red, R, n_rt, n_tiles, sB, sC, sR)
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1  # the interpreter runs programs one by one: a few big ones are fastest
-
-
 def _target_programs(device: torch.device) -> int:
     """How many backward programs to aim for: a few per SM keeps every SM busy
     while the partial grad_alpha buffer stays small."""
-    return 8 * _num_sms(device) if device.type == "cuda" else 4
-
-
-def _needs_int64(x: torch.Tensor) -> bool:
-    # 32-bit offsets suffice while every tensor has fewer than 2**31 elements.
-    return x.numel() >= 2**31
-
-
-def _device_guard(device: torch.device):
-    # Triton launches on the current CUDA device.
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    return 8 * _device.num_sms(device) if _device.on_gpu(device) else 4
 
 
 def _in_format(ts: list[torch.Tensor], fmt: torch.memory_format) -> tuple[torch.Tensor, ...]:
@@ -263,10 +245,10 @@ def cross_stitch_triton(xs: list[torch.Tensor], alpha: torch.Tensor) -> list[tor
     pl = _plan(x0.shape, fmt, x0.dtype, T, backward=False, aligned=False)
     acc_tl, _ = _acc_dtype(x0.dtype)
     grid = (pl.n_tiles, triton.cdiv(x0.shape[1], pl.block_c))
-    with _device_guard(x0.device):
+    with _device.device_guard(x0.device):
         _cross_stitch_fwd_kernel[grid](
             xs_f, tuple(ys), alpha, x0.shape[1], pl.R, pl.n_rt, pl.sB, pl.sC, pl.sR,
-            T=T, BLOCK_C=pl.block_c, BLOCK_R=pl.block_r, ACC=acc_tl, INT64=_needs_int64(x0),
+            T=T, BLOCK_C=pl.block_c, BLOCK_R=pl.block_r, ACC=acc_tl, INT64=_device.needs_int64(x0),
             num_warps=_NUM_WARPS,
         )  # fmt: skip
     return ys
@@ -296,11 +278,11 @@ def cross_stitch_triton_backward(
     tiles_per_chunk = triton.cdiv(pl.n_tiles, n_chunks)
     n_chunks = triton.cdiv(pl.n_tiles, tiles_per_chunk)
     partial = torch.empty((n_chunks, T, T, C), dtype=acc_torch, device=x0.device)
-    with _device_guard(x0.device):
+    with _device.device_guard(x0.device):
         _cross_stitch_bwd_kernel[(n_chunks, n_ct)](
             gys_f, xs_f, tuple(grad_xs), alpha, partial, C, pl.R, pl.n_rt, pl.n_tiles, tiles_per_chunk,
             pl.sB, pl.sC, pl.sR,
-            T=T, BLOCK_C=pl.block_c, BLOCK_R=pl.block_r, RED=pl.red, ACC=acc_tl, INT64=_needs_int64(x0),
+            T=T, BLOCK_C=pl.block_c, BLOCK_R=pl.block_r, RED=pl.red, ACC=acc_tl, INT64=_device.needs_int64(x0),
             num_warps=_NUM_WARPS,
         )  # fmt: skip
     # Fixed-order reduction over chunks: deterministic, no atomics.

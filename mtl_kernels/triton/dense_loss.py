@@ -21,10 +21,12 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _device
 from .cross_stitch import _acc_dtype
-from .gate_sum import _device_guard, _needs_int64
 
-_IGNORE = 255
+_IGNORE = tl.constexpr(
+    255
+)  # kernels may read module globals only as constexprs (compiled; the interpreter lets any through)
 
 
 @triton.jit
@@ -195,8 +197,8 @@ def dense_loss_triton(
     sB, sC = pred.stride(0), pred.stride(1)
     sP = pred.stride(3) if W > 1 else pred.stride(2)
     acc, _ = _acc_dtype(pred.dtype)
-    int64 = _needs_int64((pred,))
-    with _device_guard(pred.device):
+    int64 = _device.needs_int64(pred)
+    with _device.device_guard(pred.device):
         if kind in (1, 3):  # flat
             block = 1024
             n = triton.cdiv(pred.numel(), block)
@@ -221,3 +223,43 @@ def dense_loss_triton(
             part = torch.empty((grid[0] * B, 3), dtype=torch.float64, device=pred.device)
             _normals_kernel[grid](pred, target, grad, part, P, sB, sC, sP, BLOCK=block, ACC=acc, INT64=int64)
     return part.sum(0), grad
+
+
+# Backward: grad_pred = grad * grad_sum, the product taken in float (double for double grad),
+# with grad_sum read on the device: torch.mul would first round a CUDA 0-dim tensor to grad's
+# dtype, and 1/count is below half precision's normal range for any count over 16384.
+@triton.jit
+def _scale_kernel(g_ptr, o_ptr, s_ptr, N, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < N
+    s = tl.load(s_ptr).to(ACC)
+    g = tl.load(g_ptr + i, mask=mask, other=0.0).to(ACC)
+    tl.store(o_ptr + i, (g * s).to(o_ptr.dtype.element_ty), mask=mask)
+
+
+def _scale(grad: torch.Tensor, grad_sum: torch.Tensor, out: torch.Tensor) -> None:
+    # Elementwise over memory: grad is dense and out is grad itself or empty_like(grad).
+    n = grad.numel()
+    if n == 0:
+        return
+    block = 1024
+    s = grad_sum.reshape(1).to(grad.device, torch.float64)
+    with _device.device_guard(grad.device):
+        _scale_kernel[(triton.cdiv(n, block),)](grad, out, s, n, BLOCK=block, ACC=_acc_dtype(grad.dtype)[0])
+
+
+@torch.library.custom_op("mtl_kernels::dense_loss_backward_triton", mutates_args=())
+def dense_loss_backward_triton(grad: torch.Tensor, grad_sum: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(grad)
+    _scale(grad, grad_sum, out)
+    return out
+
+
+@dense_loss_backward_triton.register_fake
+def _(grad, grad_sum):
+    return torch.empty_like(grad)
+
+
+@torch.library.custom_op("mtl_kernels::dense_loss_backward_triton_", mutates_args=("grad",))
+def dense_loss_backward_triton_(grad: torch.Tensor, grad_sum: torch.Tensor) -> None:
+    _scale(grad, grad_sum, grad)

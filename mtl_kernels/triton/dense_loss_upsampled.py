@@ -20,9 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _device
 from .cross_stitch import _acc_dtype
 from .dense_loss import _IGNORE, _ce_grad, _ce_online, _flat_terms, _normals_pixel, _store_partial
-from .gate_sum import _device_guard, _needs_int64
 
 
 @triton.jit
@@ -165,8 +165,8 @@ def dense_loss_upsampled_triton(
     acc, acc_torch = _acc_dtype(pred.dtype)
     grad = torch.zeros_like(pred, dtype=acc_torch)  # pred's strides: the kernels index both alike
     args = (Hi, Wi, Ho, Wo, pred.stride(0), pred.stride(1), pred.stride(2), pred.stride(3))
-    int64 = _needs_int64((pred, target))
-    with _device_guard(pred.device):
+    int64 = _device.needs_int64(pred, target)
+    with _device.device_guard(pred.device):
         if kind in (1, 3):  # L1, balanced BCE: one lane per target element
             block = 1024
             n = triton.cdiv(target.numel(), block)

@@ -27,8 +27,6 @@ which tile axis of each tensor is contiguous and vectorises along it.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 from typing import NamedTuple
 
 import torch
@@ -36,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .._layout import dense_format
+from . import _device
 
 _NUM_WARPS = 4
 # Channel-contiguous tiles are at most this wide in C, so that a tile spans
@@ -262,28 +261,10 @@ def _strides(views, plan: _Plan) -> tuple[int, ...]:
     return tuple(s for sb, sc, sp in views for s in ((0 if plan.merged else sb), sc, sp))
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1  # the interpreter runs programs one by one: a few big ones are fastest
-
-
 def _target_programs(device: torch.device) -> int:
     """How many backward programs to aim for when they reduce: a few per SM keeps
     every SM busy while the partial buffer stays small."""
-    return 16 * _num_sms(device) if device.type == "cuda" else 4
-
-
-def _needs_int64(xs) -> bool:
-    # 32-bit offsets suffice while every element addressed (of the tensors'
-    # storage span, slices of wider tensors included) is below 2**31.
-    return any(sum((n - 1) * abs(s) for n, s in zip(x.shape, x.stride())) >= 2**31 - 1 for x in xs)
-
-
-def _device_guard(device: torch.device):
-    # Triton launches on the current CUDA device.
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    return 16 * _device.num_sms(device) if _device.on_gpu(device) else 4
 
 
 def _groups(targets: list[int], num_outputs: int) -> list[list[int]]:
@@ -335,12 +316,12 @@ def gate_sum_triton(
         pl = _plan(f0.shape, [o_view, *f_views, *g_views], f0.dtype)
         res = residuals[t] if residuals else out
         grid = (pl.n_tiles, triton.cdiv(C, pl.block_c))
-        with _device_guard(f0.device):
+        with _device.device_guard(f0.device):
             _gate_sum_fwd_kernel[grid](
                 out, res, fs, gs, scale_c if scale_c is not None else out, shift_c if shift_c is not None else out,
                 _strides([o_view], pl), _strides(f_views, pl), _strides(g_views, pl), C, pl.R, pl.n_rt,
                 G=len(group), HAS_RES=bool(residuals), HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
-                BLOCK_C=pl.block_c, BLOCK_R=pl.block_r, ACC=acc_tl, INT64=_needs_int64((out, *fs, *gs)),
+                BLOCK_C=pl.block_c, BLOCK_R=pl.block_r, ACC=acc_tl, INT64=_device.needs_int64(out, *fs, *gs),
                 num_warps=_NUM_WARPS,
             )  # fmt: skip
     return outs
@@ -435,7 +416,7 @@ def _backward_into(grad_outs, feats, gates, targets, scale, shift, grad_feats, g
     partial = torch.empty((n_partial, 2, C), dtype=acc_torch, device=f0.device) if sums else None
     for go, fs, gs, gfs, ggs, o_view, views, pl, n_ct, n_chunks, tiles_per_chunk, offset in launches:
         part = partial[offset:] if sums else go  # unused without sums
-        with _device_guard(f0.device):
+        with _device.device_guard(f0.device):
             _gate_sum_bwd_kernel[(n_chunks, n_ct)](
                 go, fs, gs, gfs, ggs,
                 scale_c if scale_c is not None else go, shift_c if shift_c is not None else go, part,
@@ -443,7 +424,7 @@ def _backward_into(grad_outs, feats, gates, targets, scale, shift, grad_feats, g
                 C, pl.R, pl.n_rt, pl.n_tiles, tiles_per_chunk,
                 G=len(fs), HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SUMS=sums,
                 BLOCK_C=pl.block_c, BLOCK_R=pl.block_r, ACC=acc_tl,
-                INT64=_needs_int64((go, *fs, *gs, *gfs, *ggs)),
+                INT64=_device.needs_int64(go, *fs, *gs, *gfs, *ggs),
                 num_warps=_NUM_WARPS,
             )  # fmt: skip
     if not sums:

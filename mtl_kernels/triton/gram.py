@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gate_sum import _device_guard
+from . import _device
 
 _BLOCK = 1024
 
@@ -56,7 +56,7 @@ def gram_triton(grads: list[torch.Tensor], tasks: int) -> torch.Tensor:
     T, K = tasks, len(grads) // tasks
     any_double = any(g.dtype == torch.float64 for g in grads)
     G = torch.zeros(T, T, dtype=torch.float64, device=grads[0].device)
-    with _device_guard(grads[0].device):
+    with _device.device_guard(grads[0].device):
         for k in range(K):
             n = grads[k].numel()
             if n == 0:
@@ -81,7 +81,7 @@ def combine_triton(weights: torch.Tensor, grads: list[torch.Tensor], out: list[t
     T = weights.numel()
     K = len(grads) // T
     acc_w = weights.to(torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32)
-    with _device_guard(weights.device):
+    with _device.device_guard(weights.device):
         for k in range(K):
             n = grads[k].numel()
             if n == 0:

@@ -53,8 +53,6 @@ with Cn = C for the task tensors and T*C for z.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 from typing import NamedTuple
 
 import torch
@@ -62,6 +60,7 @@ import triton
 import triton.language as tl
 
 from .._layout import dense_format, empty_like_all
+from . import _device
 
 _NUM_WARPS = 4
 _MIN_DOT = 16  # tl.dot needs every tile dimension >= 16
@@ -432,7 +431,7 @@ def _gemm_blocks(shape, fmt, dtype, device) -> _Blocks:
     rounded up to a power of 2."""
     C = shape[1]
     rows = _rows_of(shape, fmt)
-    if device.type != "cuda":
+    if not _device.on_gpu(device):
         # The interpreter runs one program at a time, numpy per op: few big tiles are fastest.
         return _Blocks(_pow2(C, _MIN_DOT, 64), _pow2(C, _MIN_DOT, 64), _pow2(rows, _MIN_DOT, 256), 4, 1)
     # Checked for sm_90 (compiled without a GPU): 8 warps with these tiles keep every kernel,
@@ -445,7 +444,7 @@ def _ew_blocks(shape, fmt, device):
     """(BLOCK_C, BLOCK_P) of the elementwise / reduction kernels: a tile of about 1-2K elements."""
     C = shape[1]
     rows = _rows_of(shape, fmt)
-    n = 2048 if device.type == "cuda" else 8192
+    n = 2048 if _device.on_gpu(device) else 8192
     if fmt == torch.channels_last:
         bc = _pow2(C, 1, 64)
         return bc, _pow2(rows, 1, max(1, n // bc))
@@ -453,15 +452,8 @@ def _ew_blocks(shape, fmt, device):
     return _pow2(C, 1, max(1, n // bp)), bp
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
 def _target_programs(device: torch.device) -> int:
-    return 4 * _num_sms(device) if device.type == "cuda" else 4
+    return 4 * _device.num_sms(device) if _device.on_gpu(device) else 4
 
 
 def _chunks(n_tiles: int, other_programs: int, device: torch.device) -> tuple[int, int]:
@@ -473,15 +465,7 @@ def _chunks(n_tiles: int, other_programs: int, device: torch.device) -> tuple[in
 
 def _upcast(x: torch.Tensor) -> bool:
     # The interpreter (CPU tensors) mishandles bf16 in tl.dot: feed it fp32 copies of the tiles.
-    return x.dtype == torch.bfloat16 and x.device.type != "cuda"
-
-
-def _needs_int64(*ts: torch.Tensor) -> bool:
-    return any(t.numel() >= 2**31 for t in ts)
-
-
-def _device_guard(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    return x.dtype == torch.bfloat16 and not _device.on_gpu(x.device)
 
 
 def _in_format(ts, fmt: torch.memory_format) -> tuple[torch.Tensor, ...]:
@@ -507,13 +491,13 @@ def _conv(xs_f, weight, fmt, *, z=None, ys=None, bias=None):
     w = weight.contiguous()
     partial = torch.empty((g.n_tiles, 2, T * C), dtype=acc_torch, device=x0.device) if train else None
     dummy = w  # never dereferenced: the branch using it is compiled out
-    with _device_guard(x0.device):
+    with _device.device_guard(x0.device):
         _gemm_fwd_kernel[(g.n_tiles, T * n_kb)](
             xs_f, w, z if train else dummy, tuple(ys) if ys is not None else xs_f,
             bias if bias is not None else dummy, partial if train else dummy,
             C, g.R, g.n_rt, n_kb, *g.sx, *g.sz,
             T=T, BLOCK_K=bl.out, BLOCK_C=bl.red, BLOCK_P=bl.pix, TRAIN=train, ACC=acc_tl,
-            INT64=_needs_int64(x0, w) or (train and _needs_int64(z)), UPCAST=_upcast(x0),
+            INT64=_device.needs_int64(x0, w) or (train and _device.needs_int64(z)), UPCAST=_upcast(x0),
             num_warps=bl.num_warps, num_stages=bl.num_stages,
         )  # fmt: skip
     if not train:
@@ -546,10 +530,10 @@ def _conv_backward(grad_ys_f, zy, xs_f, weight, fmt, train, vecs):
     w = weight.contiguous()
     scale, shift, a, bb = vecs if train else (w, w, w, w)  # unused in eval
     zy_arg = zy if train else tuple(zy)
-    int64 = _needs_int64(x0, w) or (train and _needs_int64(zy))
+    int64 = _device.needs_int64(x0, w) or (train and _device.needs_int64(zy))
     bl = _gemm_blocks(x0.shape, fmt, x0.dtype, dev)
     g = _geom(x0.shape, T, fmt, bl.pix)
-    with _device_guard(dev):
+    with _device.device_guard(dev):
         n_cb = triton.cdiv(C, bl.out)  # output channel blocks of grad_xs[j]
         _grad_x_kernel[(g.n_tiles, T * n_cb)](
             tuple(grad_ys_f), zy_arg, w, tuple(grad_xs), scale, shift, a, bb,
@@ -592,10 +576,10 @@ def nddr_train_triton(
     shift = bn_bias.to(acc_torch) - mean * scale
     bc, bp = _ew_blocks(x0.shape, fmt, x0.device)
     g = _geom(x0.shape, T, fmt, bp)
-    with _device_guard(x0.device):
+    with _device.device_guard(x0.device):
         _bn_relu_kernel[(g.n_tiles, triton.cdiv(C, bc))](
             z, tuple(ys), scale.contiguous(), shift.contiguous(), C, g.R, g.n_rt, *g.sx, *g.sz,
-            T=T, BLOCK_C=bc, BLOCK_P=bp, INT64=_needs_int64(z), num_warps=_NUM_WARPS,
+            T=T, BLOCK_C=bc, BLOCK_P=bp, INT64=_device.needs_int64(z), num_warps=_NUM_WARPS,
         )  # fmt: skip
     return ys, z, mean, var
 
@@ -639,10 +623,10 @@ def nddr_train_backward_triton(
     n_cb = triton.cdiv(C, bc)
     n_chunks, per = _chunks(g.n_tiles, n_cb, dev)
     partial = torch.empty((n_chunks, 2, TC), dtype=acc_torch, device=dev)
-    with _device_guard(dev):
+    with _device.device_guard(dev):
         _relu_sums_kernel[(n_chunks, n_cb)](
             gys_f, zc, scale, shift, mu, partial, C, g.R, g.n_rt, g.n_tiles, per, *g.sx, *g.sz,
-            T=T, BLOCK_C=bc, BLOCK_P=bp, ACC=acc_tl, INT64=_needs_int64(zc), num_warps=_NUM_WARPS,
+            T=T, BLOCK_C=bc, BLOCK_P=bp, ACC=acc_tl, INT64=_device.needs_int64(zc), num_warps=_NUM_WARPS,
         )  # fmt: skip
     sums = partial.sum(0)  # fixed order
     sum_dy, sum_dy_zc = sums[0], sums[1]
