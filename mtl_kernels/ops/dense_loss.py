@@ -85,7 +85,9 @@ def dense_loss_sums(pred, target, kind, pos_weight, invalid, backend, inplace_ba
     if pos_weight is None and kind == "balanced_bce":  # the batch's share of negatives, on the device
         pos_weight = 1.0 - (target >= 0.5).sum(dtype=torch.float64) / target.numel()
     else:
-        pos_weight = torch.tensor(0.0 if pos_weight is None else pos_weight, dtype=torch.float64, device=pred.device)
+        # torch.full fills on the device (the value a kernel argument); torch.tensor would copy
+        # from the host, and that copy waits for the GPU: a synchronisation per loss.
+        pos_weight = torch.full((), 0.0 if pos_weight is None else pos_weight, dtype=torch.float64, device=pred.device)
     ops = torch.ops.mtl_kernels
     if backend == "triton":
         op = ops.dense_loss_upsampled_triton if resize else ops.dense_loss_triton
