@@ -20,6 +20,11 @@ PYTHON := .venv/bin/python
 ENV_STAMP := .venv/.installed
 endif
 
+# The Triton of the GPU machines' image (torch 2.11): test_triton_sm90.py compiles every kernel
+# with it as well as with the pinned one, as a second install beside the venv's own.
+TRITON_GPU_IMAGE := 3.6.0
+EXTRA_TRITON := .venv/triton-$(TRITON_GPU_IMAGE)
+
 # auto: CUDA kernels when torch has CUDA and nvcc is found; 1: always; 0: never.
 MTL_KERNELS_CUDA ?= auto
 export TORCH_CUDA_ARCH_LIST ?= 9.0
@@ -36,7 +41,8 @@ run: build
 
 test: MTL_KERNELS_CUDA = 1
 test: build
-	MTL_KERNELS_EXPECT_CUDA=$(if $(filter 1,$(MTL_KERNELS_CUDA)),1,0) $(PYTHON) -m pytest tests -q -ra
+	MTL_KERNELS_EXPECT_CUDA=$(if $(filter 1,$(MTL_KERNELS_CUDA)),1,0) \
+	MTL_KERNELS_EXTRA_TRITON=$(if $(ENV_STAMP),$(EXTRA_TRITON)) $(PYTHON) -m pytest tests -q -ra
 
 bench: build
 	$(PYTHON) -m benchmarks.run_all
@@ -60,6 +66,7 @@ $(BUILD_STAMP): $(ENV_STAMP) $(SOURCES)
 	test -x .venv/bin/python || python3 -m venv .venv
 	.venv/bin/python -m pip install -q --upgrade pip
 	.venv/bin/python -m pip install -q -r requirements-dev.txt
+	.venv/bin/python -m pip install -q --no-deps --target $(EXTRA_TRITON) triton==$(TRITON_GPU_IMAGE)
 	touch $@
 
 clean:

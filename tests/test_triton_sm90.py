@@ -2,7 +2,9 @@
 within the block's shared memory and CUDA's grid limits; no GPU needed (see triton_sm90.py).
 
 The interpreter runs the kernels' arithmetic in the other tests; this catches what only the
-compiler sees (a module global that is not a constexpr, tl.dot shapes, types)."""
+compiler sees (a module global that is not a constexpr, tl.dot shapes, types). With the
+installed Triton, and with a second one in MTL_KERNELS_EXTRA_TRITON (a pip --target folder;
+`make test` puts the GPU machines' Triton 3.6 there): their compilers differ."""
 
 import json
 import os
@@ -16,13 +18,21 @@ SM90_MAX_SHARED = 232448  # bytes a block may opt into on sm_90 (227 KiB)
 MAX_GRID = (2**31 - 1, 65535, 65535)
 
 
-@pytest.fixture(scope="module")
-def compiled():
+EXTRA = os.environ.get("MTL_KERNELS_EXTRA_TRITON") or None
+
+
+@pytest.fixture(scope="module", params=[None, EXTRA] if EXTRA else [None], ids=lambda p: p or "installed")
+def compiled(request):
     pytest.importorskip("triton.backends.nvidia", reason="triton without its CUDA backend: nothing to compile")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if request.param is not None:
+        assert os.path.isdir(os.path.join(request.param, "triton")), f"no triton in {request.param}"
+        env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(request.param), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, SCRIPT], env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-6000:]
     *rows, summary = (json.loads(line) for line in proc.stdout.splitlines())
+    if request.param is not None:
+        assert summary["triton"] != __import__("triton").__version__, "the extra Triton was not the one imported"
     return rows, summary
 
 

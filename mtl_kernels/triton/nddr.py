@@ -88,7 +88,9 @@ def _mma(a, b, acc, UPCAST: tl.constexpr):
     if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision="ieee")
+    # out_dtype spelled out: Triton before 3.8 (3.6 on the GPU image) takes fp32 by default
+    # and rejects an fp64 accumulator.
+    return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
 
 
 @triton.jit
