@@ -4,6 +4,8 @@
 # make bench  every benchmark, rows appended to benchmarks/results/<device>.json
 # make gpu-test   on a GPU machine: build, then only the tests marked cuda (CUDA and Triton on the GPU)
 # make gpu-bench  on a GPU machine: every benchmark on cuda, --quick (rows saved)
+# make gpu-image-check  without a GPU: build (CUDA included) and test against the GPU machines'
+#             torch 2.11 / Triton 3.6 in .venv-gpu-image (5 GB from PyPI; not part of make test)
 #
 # By default these create .venv with the pinned requirements-dev.txt. On a
 # machine whose active Python already has torch (a GPU box without internet):
@@ -33,7 +35,7 @@ export CUDA_HOME ?= /usr/local/cuda
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h')
 BUILD_STAMP = build/.built-cuda-$(MTL_KERNELS_CUDA)-$(USE_SYSTEM_PYTHON)
 
-.PHONY: run test bench gpu-test gpu-bench build clean
+.PHONY: run test bench gpu-test gpu-bench gpu-image-check build clean
 
 run: build
 	$(PYTHON) python/demo_cross_stitch.py
@@ -53,6 +55,16 @@ gpu-test: build
 
 gpu-bench: build
 	$(PYTHON) -m benchmarks.run_all --device cuda --quick
+
+# torch 2.11 builds extensions as C++17 (2.14: C++20) and its Triton is 3.6: what compiles here
+# may not there. This builds and tests a copy of the tree against them, in build/gpu-image/.
+GPU_IMAGE_PINS := torch==2.11.0 torchvision==0.26.0 triton==$(TRITON_GPU_IMAGE)
+gpu-image-check:
+	test -x .venv-gpu-image/bin/python || python3 -m venv .venv-gpu-image
+	.venv-gpu-image/bin/python -m pip install -q $(GPU_IMAGE_PINS) $$(grep -vE '^(#|torch|torchvision|triton)' requirements-dev.txt)
+	rm -rf build/gpu-image && mkdir -p build/gpu-image && git ls-files -z | xargs -0 cp --parents -t build/gpu-image
+	cd build/gpu-image && MTL_KERNELS_CUDA=1 ../../.venv-gpu-image/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+	cd build/gpu-image && MTL_KERNELS_EXPECT_CUDA=1 ../../.venv-gpu-image/bin/python -m pytest tests -q -ra -x
 
 build: $(BUILD_STAMP)
 

@@ -94,6 +94,7 @@ _backend._INTERPRET = True  # lets backend="triton" take the CPU tensors that st
 _device.on_gpu = lambda device: True
 _device.num_sms = lambda device: SM90_SMS
 _device.device_guard = lambda device: contextlib.nullcontext()
+_device.upload = lambda ts, device: ts
 
 FMT = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 # (dtype, layout, T, shape): each kernel meets every dtype and layout, several T, aligned
@@ -172,13 +173,17 @@ def run_dense_loss(dtype, layout, T, shape):
 
 
 def run_gram_combine(dtype, layout, T, shape):
-    params = [torch.empty(shape, memory_format=FMT[layout]), torch.empty(shape[1]), torch.empty(3, 7)]
+    params = [torch.empty(shape, memory_format=FMT[layout]), torch.empty(shape[1])]
     grads = [[torch.empty_like(p, dtype=dtype) for p in params] for _ in range(T)]
-    gram(grads, backend="triton")
-    out = [torch.zeros_like(g) for g in grads[0]]
     weights = torch.empty(T, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    for accumulate in (False, True):
-        combine(weights, grads, out, accumulate=accumulate, backend="triton")
+    # Then tensors off 16-byte alignment (no vector loads); out also in float32 (.grad of half gradients).
+    misaligned = [[torch.empty(22, dtype=dtype)[1:].view(3, 7)] for _ in range(T)]
+    for gs in (grads, misaligned):
+        gram(gs, backend="triton")
+        for out_dtype in {dtype, torch.float32}:
+            out = [torch.empty_like(g, dtype=out_dtype) for g in gs[0]]
+            for accumulate in (False, True):
+                combine(weights, gs, out, accumulate=accumulate, backend="triton")
 
 
 OPS = [run_cross_stitch, run_nddr, run_gate_sum, run_dense_loss, run_gram_combine]

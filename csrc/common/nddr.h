@@ -183,7 +183,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> eval_backward(at::Te
   at::Tensor dz = at::empty({x0.size(0), T * C, x0.size(2), x0.size(3)}, x0.options().memory_format(fmt));
   Kernels::relu_grad(in_format(grad_ys_in, fmt), in_format(ys_in, fmt), dz);
   auto [grad_xs, grad_weight] = conv1x1_backward(dz, xs, weight, fmt);
-  at::Tensor grad_bias = dz.sum({0, 2, 3}, /*keepdim=*/false, acc_type(x0)).to(weight.scalar_type());
+  at::Tensor grad_bias = dz.sum(at::IntArrayRef{0, 2, 3}, /*keepdim=*/false, acc_type(x0)).to(weight.scalar_type());
   return {grad_xs, grad_weight, grad_bias};
 }
 

@@ -658,7 +658,7 @@ at::Tensor launch_backward(const std::vector<at::Tensor>& gys, const std::vector
     else
       run(std::integral_constant<int, 1>{});
     // [B, C, nchunk, T, T] -> [C, T, T] -> [T, T, C]
-    return at::sum(partial.view({geo.B, geo.C, nchunk, T, T}), {0, 2}).permute({1, 2, 0});
+    return at::sum(partial.view({geo.B, geo.C, nchunk, T, T}), at::IntArrayRef{0, 2}).permute({1, 2, 0});
   }
   constexpr int U = cols_bwd_unroll<acc_t, T>();
   const ColsPlan pl = plan_cols(geo.N, geo.Q, U, 2, 32);
@@ -666,8 +666,9 @@ at::Tensor launch_backward(const std::vector<at::Tensor>& gys, const std::vector
   cross_stitch_bwd_cols<scalar_t, acc_t, T, U><<<pl.blocks, dim3(pl.bx, pl.by), 0, stream>>>(
       p, a, partial.mutable_data_ptr<acc_t>(), geo.N, geo.Q, geo.C, geo.S, pl.chunk_rows, pl.ncolgroups);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // [nchunk, T, T, C, S] -> [T, T, C]
-  return at::sum(partial.view({pl.nchunk, T, T, geo.C, geo.S}), {0, 4});
+  // [nchunk, T, T, C, S] -> [T, T, C]. IntArrayRef spelled out: a bare braced list is ambiguous
+  // with DimnameList under C++17, which torch 2.11 (the GPU machines') builds extensions with.
+  return at::sum(partial.view({pl.nchunk, T, T, geo.C, geo.S}), at::IntArrayRef{0, 4});
 }
 
 std::vector<at::Tensor> cross_stitch_cuda(at::TensorList xs_in, const at::Tensor& alpha) {

@@ -487,7 +487,7 @@ std::tuple<at::Tensor, at::Tensor> gate_sum_backward_into(at::TensorList grad_ou
   });
   // Each total reduced on its own, so the two results never share storage.
   auto total = [&](const std::optional<at::Tensor>& v, int64_t q) {
-    return v ? at::sum(partial.select(1, q), {0, 1}).to(v->scalar_type()) : none();
+    return v ? at::sum(partial.select(1, q), at::IntArrayRef{0, 1}).to(v->scalar_type()) : none();
   };
   return {total(scale, 1), total(shift, 0)};
 }

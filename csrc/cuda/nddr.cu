@@ -638,9 +638,9 @@ struct CudaKernels {
     // over a buffer much smaller than z, in a fixed order.
     const at::Tensor p = partial.to(at::kDouble);
     const at::Tensor cnt = p.select(3, 0), mu = p.select(3, 1), m2 = p.select(3, 2);  // [X, TC, Y]
-    const at::Tensor n = cnt.sum({0, 2});
-    const at::Tensor mean = (cnt * mu).sum({0, 2}) / n;
-    const at::Tensor var = (m2.sum({0, 2}) + (cnt * (mu - mean.view({1, -1, 1})).square()).sum({0, 2})) / n;
+    const at::Tensor n = cnt.sum(at::IntArrayRef{0, 2});
+    const at::Tensor mean = (cnt * mu).sum(at::IntArrayRef{0, 2}) / n;
+    const at::Tensor var = (m2.sum(at::IntArrayRef{0, 2}) + (cnt * (mu - mean.view({1, -1, 1})).square()).sum(at::IntArrayRef{0, 2})) / n;
     return {mean.to(nddr::acc_type(z)), var.to(nddr::acc_type(z))};
   }
 
@@ -688,7 +688,7 @@ struct CudaKernels {
         op.mean = mu.const_data_ptr<acc_t>();
       });
     });
-    const at::Tensor sums = partial.sum({0, 2});  // [TC, 2]
+    const at::Tensor sums = partial.sum(at::IntArrayRef{0, 2});  // [TC, 2]
     return {sums.select(1, 0).contiguous(), sums.select(1, 1).contiguous()};
   }
 

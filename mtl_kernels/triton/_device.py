@@ -33,3 +33,11 @@ def needs_int64(*ts: torch.Tensor) -> bool:
     # 32-bit offsets suffice while every element addressed (of the tensors' storage span,
     # slices of wider tensors included) is below 2**31.
     return any(sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) >= 2**31 - 1 for t in ts)
+
+
+def upload(ts: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Small host tables onto `device`. To a GPU through pinned memory: the copies are queued on
+    the stream and the host does not wait (a copy from pageable memory would synchronise)."""
+    if not on_gpu(device):
+        return ts
+    return [t.pin_memory().to(device, non_blocking=True) for t in ts]
