@@ -64,7 +64,9 @@ gpu-image-check:
 	.venv-gpu-image/bin/python -m pip install -q $(GPU_IMAGE_PINS) $$(grep -vE '^(#|torch|torchvision|triton)' requirements-dev.txt)
 	rm -rf build/gpu-image && mkdir -p build/gpu-image && git ls-files -z | xargs -0 cp --parents -t build/gpu-image
 	cd build/gpu-image && MTL_KERNELS_CUDA=1 ../../.venv-gpu-image/bin/python -m pip install -q --no-build-isolation --no-deps -e .
-	cd build/gpu-image && MTL_KERNELS_EXPECT_CUDA=1 ../../.venv-gpu-image/bin/python -m pytest tests -q -ra -x
+	# Triton 3.6's interpreter fails on these kernels ("only 0-dimensional arrays can be converted
+	# to Python scalars"); on a GPU they run compiled, which test_triton_sm90 checks with 3.6.
+	cd build/gpu-image && TRITON_INTERPRET=0 MTL_KERNELS_EXPECT_CUDA=1 ../../.venv-gpu-image/bin/python -m pytest tests -q -ra
 
 build: $(BUILD_STAMP)
 

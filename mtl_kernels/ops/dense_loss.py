@@ -94,7 +94,10 @@ def dense_loss_sums(pred, target, kind, pos_weight, invalid, backend, inplace_ba
     else:
         op = ops.dense_loss_upsampled if resize else ops.dense_loss
     stats, _ = op(pred, target, _KIND_CODE[kind], pos_weight, _INVALID_CODE[invalid], inplace_backward)
-    return stats[0], stats[1], stats[2]
+    # The counts take no gradient: detached, autograd does no work for them in backward
+    # (the division's gradient with respect to its denominator, the clamp's).
+    counts = stats.detach()
+    return stats[0], counts[1], counts[2]
 
 
 def _alert_not_deterministic(what: str) -> None:
