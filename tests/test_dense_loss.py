@@ -196,8 +196,10 @@ def test_backward_scales_in_float(device, backend, dtype, inplace):
     # 1/count of a 480 x 640 x 8 x 3 normals batch is subnormal in float16: a multiply in grad's
     # dtype (torch.mul by a 0-dim CUDA tensor) rounds it to 1.19e-7, 12% low.
     ops = torch.ops.mtl_kernels
-    scale_ops = {"triton": (ops.dense_loss_backward_triton, ops.dense_loss_backward_triton_)}
-    scale, scale_ = scale_ops.get(backend, (ops.dense_loss_backward, ops.dense_loss_backward_))
+    if backend == "triton":
+        scale, scale_ = ops.dense_loss_backward_triton, ops.dense_loss_backward_triton_
+    else:
+        scale, scale_ = ops.dense_loss_backward, ops.dense_loss_backward_
     grad = (torch.randn(2, 3, 5, 7, device=device) * 100).to(dtype).contiguous(memory_format=torch.channels_last)
     grad_sum = torch.tensor(1 / (3 * 8 * 480 * 640), dtype=torch.float64, device=device)
     want = (grad.double() * grad_sum).to(dtype)
