@@ -88,6 +88,34 @@ def test_half_storage_with_fp32_params(device, backend, dtype, training):
 
 
 @pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_half_backward_sums_in_float(device, backend, dtype, layout):
+    """The backward GEMMs of half features sum in float: grad_xs, grad_weight and grad_bias within
+    two roundings of the fp64 result for the same ReLU mask (the given ys fix it: no pre-activation
+    near zero can flip, which is what the end-to-end tests' looser gradient bounds allow for)."""
+    xs, params, _ = make_inputs(3, (2, 16, 6, 10), dtype, device, layout)
+    w = params["weight"].detach().reshape(48, 48)
+    ys = [torch.randn_like(x) for x in xs]
+    grad_ys = [torch.randn_like(x) for x in xs]
+    op = (
+        torch.ops.mtl_kernels.nddr_eval_backward_triton
+        if backend == "triton"
+        else torch.ops.mtl_kernels.nddr_eval_backward
+    )
+    grad_xs, grad_w, grad_b = op(grad_ys, [x.detach() for x in xs], ys, w)
+    dz = torch.cat([g.double() * (y > 0) for g, y in zip(grad_ys, ys)], 1)  # [B, T*C, H, W]
+    x64 = torch.cat([x.detach().double() for x in xs], 1)
+    want_xs = torch.einsum("kc,bkhw->bchw", w.double(), dz).split(16, 1)
+    want_w = torch.einsum("bkhw,bchw->kc", dz, x64)
+    eps = torch.finfo(dtype).eps
+    for g, want in zip(grad_xs, want_xs):
+        assert rel_err(g, want) <= 2 * eps
+    assert rel_err(grad_w, want_w) <= 2 * eps
+    assert rel_err(grad_b, dz.sum((0, 2, 3))) <= 2 * eps
+
+
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("training", [True, False])
 def test_gradcheck(device, backend, training):
     xs, params, stats = make_inputs(2, (2, 3, 3, 4), torch.float64, device)
