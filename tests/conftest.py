@@ -20,8 +20,9 @@ HAS_CUDA = torch.cuda.is_available()
 def fused_backends(device: str) -> list[str]:
     """Every non-reference backend this build can run on `device`."""
     available = mtl_kernels.available_backends()
-    if device == "cpu":
-        return [b for b in ("cpu", "triton") if b in available]
+    if device == "cpu":  # Triton takes CPU tensors only in the interpreter (off where a GPU is)
+        interpret = os.environ.get("TRITON_INTERPRET") == "1"
+        return [b for b in ("cpu", "triton") if b in available and (b == "cpu" or interpret)]
     return [b for b in ("cuda", "triton") if b in available]
 
 

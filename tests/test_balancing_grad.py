@@ -547,6 +547,23 @@ def test_grad_scaler_weights_do_not_depend_on_the_scale(name, mode):
         torch.testing.assert_close(p.detach(), b - 0.1 * g, rtol=1e-4, atol=1e-6)
 
 
+def test_gradnorm_logits_grad_is_scaled_with_the_rest():
+    # GradScaler.step unscales every .grad of the optimiser, GradNorm's logits among them.
+    tasks, net, x, y = setup(3, dtype=torch.float32)
+    grads = {}
+    for scale in (None, 2.0**12):
+        bal = B.GradNorm(tasks)
+        net.zero_grad()
+        scaler = None if scale is None else torch.amp.GradScaler("cpu", init_scale=scale)
+        losses, _ = net.losses(x, y)
+        bal.backward(losses, shared_params=[net.trunk[2].weight], scaler=scaler)
+        if scaler is not None:
+            scaler.unscale_(torch.optim.SGD([*net.parameters(), *bal.parameters()], lr=0.1))
+        grads[scale] = bal.logits.grad.clone()
+    torch.testing.assert_close(grads[2.0**12], grads[None], rtol=1e-4, atol=1e-8)
+    assert grads[None].abs().max() > 0
+
+
 def test_grad_scaler_in_the_constructor():
     tasks, net, x, y = setup(2, dtype=torch.float32)
     w_plain = run(B.MGDA(tasks), net, x, y, "params")

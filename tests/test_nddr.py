@@ -13,7 +13,9 @@ from mtl_kernels.reference import NDDRLayer
 from mtl_kernels.reference.nddr import nddr_init_weight
 
 NDDR_BACKENDS = [b for b in fused_backends("cpu") if b in IMPLEMENTED]
-CASES = [("cpu", b) for b in NDDR_BACKENDS] + [pytest.param("cuda", "cuda", marks=pytest.mark.cuda)]
+CASES = [("cpu", b) for b in NDDR_BACKENDS] + [
+    pytest.param("cuda", b, marks=pytest.mark.cuda) for b in ("cuda", "triton") if b in IMPLEMENTED
+]
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 GRAD_TOL = {torch.float16: 2e-2, torch.bfloat16: 1e-1}
 

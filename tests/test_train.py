@@ -146,6 +146,18 @@ def test_best_checkpoint_is_a_second_name_that_keeps_its_epoch(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt"]  # no temporary left behind
 
 
+@pytest.mark.cuda
+def test_rng_state_restores_from_a_checkpoint_loaded_onto_the_gpu(tmp_path):
+    # Trainer.load maps the checkpoint onto its device; the generators take CPU tensors only.
+    from mtl_kernels.train.checkpoint import rng_state, save_atomic, set_rng_state
+
+    state = rng_state()
+    save_atomic(state, str(tmp_path / "rng.pt"))
+    want = torch.rand(3, device="cuda")
+    set_rng_state(torch.load(tmp_path / "rng.pt", map_location="cuda", weights_only=False))
+    assert torch.equal(torch.rand(3, device="cuda"), want)
+
+
 def test_resume_reaches_the_same_state(tmp_path):
     full = Trainer(tiny(tmp_path, name="full", epochs=3), progress=False)
     full.fit()
@@ -224,23 +236,33 @@ def test_delta_m_against_single_task_metrics(tmp_path):
 # ----------------------------------------------------------------------------- distributed
 
 
-def _ddp_worker(rank, port, cfg):
+def _ddp_worker(rank, port, cfg, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
     torch.set_num_threads(1)
-    Trainer(cfg, progress=False).fit()
+    trainer = Trainer(cfg, progress=False)
+    trainer.fit()
+    if trainer.balancer is not None:
+        torch.save(trainer.balancer.state_dict(), os.path.join(out, f"balancer{rank}.pt"))
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("method", [None, "MGDA"])
-def test_ddp_two_processes_on_gloo(tmp_path, method):
-    cfg = tiny(tmp_path, epochs=1, data__batch_size=2, device="cpu", balancing__method=method)
+@pytest.mark.parametrize("method, epochs", [(None, 1), ("MGDA", 1), ("Uncertainty", 1), ("DWA", 3)])
+def test_ddp_two_processes_on_gloo(tmp_path, method, epochs):
+    cfg = tiny(tmp_path, epochs=epochs, data__batch_size=2, device="cpu", balancing__method=method)
     Trainer(cfg, progress=False)  # generates the Scenes cache once, before the processes race for it
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, cfg), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(port, cfg, str(tmp_path)), nprocs=2, join=True)
     saved = json.loads((tmp_path / "runs" / "tiny" / "results.json").read_text())
-    assert saved["epochs"] == 1 and saved["best_metrics"] is not None
+    assert saved["epochs"] == epochs and saved["best_metrics"] is not None
+    if method is not None:  # the balancer's state (Uncertainty's log-variances, DWA's weights) is the ranks' own
+        states = [torch.load(tmp_path / f"balancer{r}.pt") for r in range(2)]
+        for k, v in states[0].items():
+            if isinstance(v, torch.Tensor):
+                torch.testing.assert_close(states[1][k], v, rtol=0, atol=0, msg=k)
+        if method == "DWA":
+            assert not torch.equal(states[0]["weight"], torch.ones_like(states[0]["weight"]))
 
 
 def test_preset_weights_reach_the_auxiliary_tasks(tmp_path):

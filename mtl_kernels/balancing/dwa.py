@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from .base import Balancer
@@ -60,6 +61,10 @@ class DWA(Balancer):
                 "DWA.epoch_end: no training step since the last epoch_end; "
                 "call the balancer on every training step's losses (in training mode) before epoch_end"
             )
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Under DDP each rank saw its own shard: the weights come from the mean over all ranks.
+            dist.all_reduce(self.loss_sum)
+            self.loss_sum.div_(dist.get_world_size())
         mean = self.loss_sum / self.steps
         self.history.copy_(torch.stack([self.history[1], mean]))
         self.epochs += 1

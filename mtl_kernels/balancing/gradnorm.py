@@ -101,6 +101,8 @@ class GradNorm(GradientBalancer):
             gnorm = w.to(G.dtype) * norms
             target = (gnorm.mean() * r.pow(self.alpha)).detach()
             (d_logits,) = torch.autograd.grad((gnorm - target).abs().sum(), self.logits)
+            if ctx.scale is not None:  # scaled as every .grad written here: scaler.step unscales them all
+                d_logits = d_logits * ctx.scale.to(d_logits.dtype)
             if self.logits.grad is None:
                 self.logits.grad = d_logits
             else:

@@ -255,6 +255,15 @@ class Trainer:
             for t in [*self.model.parameters(), *self.model.buffers()]:
                 dist.broadcast(t, 0)
 
+    def _average_balancer_grads(self) -> None:
+        """A loss-level balancer's parameters (Uncertainty's log-variances) sit outside the DDP
+        module: their gradients are averaged here, as DDP averages the model's, so every rank
+        takes the same step."""
+        for p in self.balancer.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad.div_(self.world)
+
     def autocast(self):
         if self.cfg["amp"] == "none":
             return torch.autocast(self.device.type, enabled=False)
@@ -327,6 +336,8 @@ class Trainer:
             )
         else:
             self.scaler.scale(total).backward()
+            if self.world > 1 and self.balancer is not None:
+                self._average_balancer_grads()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return {"total": total.detach(), **{t: v.detach() for t, v in parts.items()}}
