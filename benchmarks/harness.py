@@ -435,6 +435,9 @@ def _rows(case: Case, times: dict, reps: int, first_s: float, peak_mib, modes: S
                 "device_bw_source": bw_how,
                 "compile_s": first_s if case.compiled else None,
                 "threads": torch.get_num_threads() if case.device.type == "cpu" else None,
+                # cuDNN convolutions run in TF32 by default: eager / compile "float32" rows with
+                # convolutions are TF32 there, the fused GEMMs IEEE fp32.
+                "cudnn_tf32": torch.backends.cudnn.allow_tf32 if case.device.type == "cuda" else None,
                 "torch": torch.__version__,
                 "commit": _git_commit(),
                 "date": date,

@@ -10,7 +10,7 @@ impls (each in training mode, bn=train, and in eval mode, bn=eval)
            dtype and mode
   cpu/cuda mtl_kernels.convert(copy of that module, backend=...), i.e.
            mtl_kernels.nn.NDDR with the same weights, for each backend this
-           build has for the device (no triton backend for nddr yet)
+           build has for the device (cpu; cuda and triton on a GPU)
 
 Leaves (their gradients are computed): the T input features and the module's
 parameters (conv weights, BN weight and bias), in both modes. In training
@@ -64,7 +64,7 @@ QUICK_GRID = [(3, 64, 60, 80)]
 
 
 def fused_backends(device: torch.device, available: list[str]) -> list[str]:
-    wanted = ("cpu",) if device.type == "cpu" else ("cuda",)  # no triton nddr yet
+    wanted = ("cpu",) if device.type == "cpu" else ("cuda", "triton")
     return [b for b in wanted if b in available]
 
 

@@ -59,9 +59,14 @@ def step_time(cfg: dict, steps: int = 4) -> float:
     trainer.model.train()
     trainer.train_step(batch)
     times = []
+    cuda = trainer.device.type == "cuda"
     for _ in range(steps):
+        if cuda:  # the step's kernels, not only their launches
+            torch.cuda.synchronize(trainer.device)
         t0 = time.perf_counter()
         trainer.train_step(batch)
+        if cuda:
+            torch.cuda.synchronize(trainer.device)
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
 

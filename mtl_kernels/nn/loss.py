@@ -33,9 +33,9 @@ class DenseMultiTaskLoss(nn.Module):
     weights: {task: float}; or a loss-level balancer of mtl_kernels.balancing (Fixed, EW,
         Uncertainty, DWA, ...), called as balancer(losses) -> (total, weights); None: all 1.
     upsample: predictions smaller than their targets are resized to the target size with
-        bilinear interpolation (align_corners=False, as the survey's models); on the cpu backend
-        inside the fused loss pass (no full-size prediction or gradient is made), on the others
-        by F.interpolate first, for now. False makes a size mismatch an error.
+        bilinear interpolation (align_corners=False, as the survey's models); on the fused backends
+        inside the loss pass (no full-size prediction or gradient is made), on the reference by
+        F.interpolate first. False makes a size mismatch an error.
     depth_invalid: which depth targets are holes, "255" (the survey) or "nonpositive" (0, < 0, NaN).
     check_targets: raise on class indices out of range (not 255) or NaN targets; all tasks are
         checked together, one host synchronisation per call on a GPU.
