@@ -32,7 +32,7 @@ _TL_DTYPE = {
 @triton.jit
 def _tile_of(addr, tile_tensor, tile_start, numel, L, t, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
              ALIGNED: tl.constexpr):  # fmt: skip
-    """Program's tile of task t's gradient of its tensor: pointers and mask."""
+    """Program's tile of task t's gradient of its tensor: pointers, mask, and whether it is full."""
     pid = tl.program_id(0)
     k = tl.load(tile_tensor + pid)
     start = tl.load(tile_start + pid)
@@ -41,7 +41,19 @@ def _tile_of(addr, tile_tensor, tile_start, numel, L, t, DTYPE: tl.constexpr, BL
         p = tl.multiple_of(p, 16)
         start = tl.multiple_of(start, BLOCK)
     i = start + tl.arange(0, BLOCK)
-    return p + i, i < tl.load(numel + k)
+    n = tl.load(numel + k)
+    return p + i, i < n, start + BLOCK <= n
+
+
+@triton.jit
+def _load(ptrs, mask, full, ACC: tl.constexpr):
+    # A mask bounded by a value loaded from memory defeats vectorisation: every tile but each
+    # tensor's last is full, and loads unmasked.
+    if full:
+        x = tl.load(ptrs).to(ACC)
+    else:
+        x = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
+    return x
 
 
 @triton.jit
@@ -50,8 +62,8 @@ def _gram_kernel(addr, tile_tensor, tile_start, numel, part_ptr, L, T: tl.conste
     pid = tl.program_id(0)
     x = ()
     for t in tl.static_range(T):
-        ptrs, mask = _tile_of(addr, tile_tensor, tile_start, numel, L, t, DTYPE, BLOCK, ALIGNED)
-        x = x + (tl.load(ptrs, mask=mask, other=0.0).to(ACC),)
+        ptrs, mask, full = _tile_of(addr, tile_tensor, tile_start, numel, L, t, DTYPE, BLOCK, ALIGNED)
+        x = x + (_load(ptrs, mask, full, ACC),)
     for s in tl.static_range(T):
         for t in tl.static_range(T):
             if t >= s:
@@ -63,15 +75,18 @@ def _combine_kernel(addr, tile_tensor, tile_start, numel, w_ptr, L, T: tl.conste
                     OUT_DTYPE: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
                     ALIGNED: tl.constexpr):  # fmt: skip
     # addr row T holds out's addresses.
-    out, mask = _tile_of(addr, tile_tensor, tile_start, numel, L, T, OUT_DTYPE, BLOCK, ALIGNED)
+    out, mask, full = _tile_of(addr, tile_tensor, tile_start, numel, L, T, OUT_DTYPE, BLOCK, ALIGNED)
     if ACCUMULATE:
-        acc = tl.load(out, mask=mask, other=0.0).to(ACC)
+        acc = _load(out, mask, full, ACC)
     else:
         acc = tl.zeros((BLOCK,), ACC)
     for t in tl.static_range(T):
-        ptrs, _ = _tile_of(addr, tile_tensor, tile_start, numel, L, t, DTYPE, BLOCK, ALIGNED)
-        acc += tl.load(w_ptr + t).to(ACC) * tl.load(ptrs, mask=mask, other=0.0).to(ACC)
-    tl.store(out, acc.to(OUT_DTYPE), mask=mask)
+        ptrs, _, _ = _tile_of(addr, tile_tensor, tile_start, numel, L, t, DTYPE, BLOCK, ALIGNED)
+        acc += tl.load(w_ptr + t).to(ACC) * _load(ptrs, mask, full, ACC)
+    if full:
+        tl.store(out, acc.to(OUT_DTYPE))
+    else:
+        tl.store(out, acc.to(OUT_DTYPE), mask=mask)
 
 
 def _acc(dtype: torch.dtype):
