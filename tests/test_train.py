@@ -2,6 +2,7 @@
 
 import glob
 import json
+import math
 import os
 import socket
 
@@ -171,6 +172,20 @@ def test_resume_reaches_the_same_state(tmp_path):
     assert full.history[-1]["train_loss"] == resumed.history[-1]["train_loss"]
 
 
+def test_dtp_gets_kpis_from_each_evaluation(tmp_path):
+    trainer = Trainer(tiny(tmp_path, epochs=1, balancing__method="DTP"), progress=False)
+    assert torch.isnan(trainer.balancer.kpi).all()  # weight 1 until a KPI arrives
+    results = trainer.fit()
+    val = results["history"][-1]["val"]
+    kpi = dict(zip(trainer.balancer.tasks, trainer.balancer.kpi.tolist()))
+    assert kpi["semseg"] == pytest.approx(val["semseg"]["mIoU"])
+    assert kpi["depth"] == pytest.approx(math.exp(-val["depth"]["rmse"]))
+    assert kpi["normals"] == pytest.approx(max(math.cos(math.radians(val["normals"]["mean"])), 0.0))
+    assert kpi["edge"] == pytest.approx(val["edge"]["odsF"])
+    _, weights = trainer.balancer({t: torch.tensor(1.0) for t in trainer.balancer.tasks})
+    assert any(float(w) != 1.0 for w in weights.values())
+
+
 @pytest.mark.parametrize("method", ["Uncertainty", "DWA", "MGDA", "PCGrad"])
 def test_balancing_methods_train(tmp_path, method):
     results = Trainer(tiny(tmp_path, epochs=1, balancing__method=method), progress=False).fit()
@@ -246,7 +261,7 @@ def _ddp_worker(rank, port, cfg, out):
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("method, epochs", [(None, 1), ("MGDA", 1), ("Uncertainty", 1), ("DWA", 3)])
+@pytest.mark.parametrize("method, epochs", [(None, 1), ("MGDA", 1), ("Uncertainty", 1), ("DWA", 3), ("DTP", 1)])
 def test_ddp_two_processes_on_gloo(tmp_path, method, epochs):
     cfg = tiny(tmp_path, epochs=epochs, data__batch_size=2, device="cpu", balancing__method=method)
     Trainer(cfg, progress=False)  # generates the Scenes cache once, before the processes race for it

@@ -17,6 +17,7 @@ before evaluation. Rank 0 evaluates and writes.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -409,6 +410,25 @@ class Trainer:
             kwargs["edge_tolerance"] = metrics.MAX_DIST_NYUD
         return kwargs
 
+    def _update_kpis(self, val: dict | None) -> None:
+        """DTP's KPIs from the validation metrics (rank 0's; every rank gets its moving average):
+        mIoU, maxF and odsF as they are; depth exp(-rmse in metres); normals the cosine of the mean
+        angular error (clamped at 0)."""
+        if val is not None:
+            kpis = {}
+            for t in self.tasks:
+                name, higher_is_better = metrics.MAIN_METRIC[t]
+                v = float(val[t][name])
+                if higher_is_better:
+                    kpis[t] = min(max(v, 0.0), 1.0)
+                elif t == "normals":
+                    kpis[t] = max(math.cos(math.radians(v)), 0.0)
+                else:
+                    kpis[t] = math.exp(-v)
+            self.balancer.update_kpis(kpis)
+        if self.world > 1:
+            dist.broadcast(self.balancer.kpi, 0)
+
     def single_task_metrics(self):
         ref = self.cfg["single_task_metrics"]
         if isinstance(ref, str):
@@ -433,6 +453,8 @@ class Trainer:
                     self._broadcast_state()
                 if self.rank == 0:
                     record["val"] = self.evaluate()
+                if isinstance(self.balancer, balancing.DTP):
+                    self._update_kpis(record.get("val"))
                 if self.world > 1:
                     dist.barrier()
             self.history.append(record)
