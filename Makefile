@@ -49,9 +49,12 @@ test: build
 bench: build
 	$(PYTHON) -m benchmarks.run_all
 
+# GPU_TEST_ARGS: more pytest arguments, e.g. "-n 8" (pytest-xdist, on the GPU image: the Triton
+# kernels' first compiles then share the CPU cores) or -k to split the run across commands.
+GPU_TEST_ARGS ?=
 gpu-test: MTL_KERNELS_CUDA = 1
 gpu-test: build
-	MTL_KERNELS_EXPECT_CUDA=1 $(PYTHON) -m pytest tests -q -ra -m cuda
+	MTL_KERNELS_EXPECT_CUDA=1 $(PYTHON) -m pytest tests -q -ra -m cuda $(GPU_TEST_ARGS)
 
 gpu-bench: build
 	$(PYTHON) -m benchmarks.run_all --device cuda --quick
