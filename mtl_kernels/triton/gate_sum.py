@@ -35,6 +35,7 @@ import triton.language as tl
 
 from .._layout import dense_format
 from . import _device
+from .cross_stitch import _acc_dtype
 
 _NUM_WARPS = 4
 # Channel-contiguous tiles are at most this wide in C, so that a tile spans
@@ -196,10 +197,6 @@ def _gate_sum_bwd_kernel(
         base = partial + chunk.to(tl.int64) * 2 * C + c0
         tl.store(base, tl.sum(acc_d, axis=1), mask=c0_mask)
         tl.store(base + C, tl.sum(acc_dg, axis=1), mask=c0_mask)
-
-
-def _acc_dtype(dtype: torch.dtype):
-    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
 
 
 def _view(x: torch.Tensor) -> tuple[int, int, int]:

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from . import _device
+from .cross_stitch import _acc_dtype
 
 _BLOCK = 1024
 _TL_DTYPE = {
@@ -89,10 +90,6 @@ def _combine_kernel(addr, tile_tensor, tile_start, numel, w_ptr, L, T: tl.conste
         tl.store(out, acc.to(OUT_DTYPE), mask=mask)
 
 
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _groups(grads: list[torch.Tensor], K: int, out: list[torch.Tensor] | None) -> dict[tuple, list[int]]:
     """The non-empty tensors k by (gradient dtype, out dtype), in order."""
     groups: dict[tuple, list[int]] = {}
@@ -132,7 +129,7 @@ def gram_triton(grads: list[torch.Tensor], tasks: int) -> torch.Tensor:
             part = torch.zeros(tile_tensor.numel(), T, T, dtype=torch.float64, device=device)
             _gram_kernel[(tile_tensor.numel(),)](
                 addr, tile_tensor, tile_start, numel, part, L,
-                T=T, DTYPE=_TL_DTYPE[dtype], BLOCK=_BLOCK, ACC=_acc(dtype), ALIGNED=aligned,
+                T=T, DTYPE=_TL_DTYPE[dtype], BLOCK=_BLOCK, ACC=_acc_dtype(dtype)[0], ALIGNED=aligned,
             )  # fmt: skip
             G += part.sum(0)
     G = G.triu() + G.triu(1).T
@@ -158,7 +155,7 @@ def combine_triton(weights: torch.Tensor, grads: list[torch.Tensor], out: list[t
             _combine_kernel[(tile_tensor.numel(),)](
                 addr, tile_tensor, tile_start, numel, acc_w, L,
                 T=T, DTYPE=_TL_DTYPE[dtype], OUT_DTYPE=_TL_DTYPE[out_dtype], ACCUMULATE=accumulate, BLOCK=_BLOCK,
-                ACC=_acc(dtype), ALIGNED=aligned,
+                ACC=_acc_dtype(dtype)[0], ALIGNED=aligned,
             )  # fmt: skip
 
 

@@ -61,6 +61,7 @@ import triton.language as tl
 
 from .._layout import dense_format, empty_like_all
 from . import _device
+from .cross_stitch import _acc_dtype
 
 _NUM_WARPS = 4
 _MIN_DOT = 16  # tl.dot needs every tile dimension >= 16
@@ -385,10 +386,6 @@ def _grad_w_kernel(
 
 
 # ----------------------------------------------------------------- host side
-
-
-def _acc_dtype(dtype: torch.dtype):
-    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
 
 
 class _Geom(NamedTuple):
