@@ -12,6 +12,7 @@ reference and Triton backends (it says so once at import).
 import glob
 import os
 import shutil
+import subprocess
 import sys
 import sysconfig
 
@@ -41,9 +42,20 @@ def want_cuda() -> bool:
     return mode == "1" or (mode == "auto" and possible)
 
 
+def cxx_command() -> str:
+    return (os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++").split()[0]
+
+
 def have_compiler() -> bool:
-    cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
-    return shutil.which(cxx.split()[0]) is not None
+    return shutil.which(cxx_command()) is not None
+
+
+def is_gcc() -> bool:
+    try:
+        out = subprocess.run([cxx_command(), "--version"], capture_output=True, text=True, timeout=30).stdout
+    except OSError:
+        return False
+    return "clang" not in out.lower()
 
 
 def extensions():
@@ -55,8 +67,9 @@ def extensions():
     # torch picks the C++ standard it needs. -fno-trapping-math lets float compares and selects
     # (clamps, ReLU masks) be if-converted, so those loops vectorise; nothing here reads FP exceptions.
     # -fno-thread-jumps: GCC 12 threads jumps through exp's range clamp, which leaves the vectorised
-    # sigmoid with a blend per region; gate_sum's backward row ran 1.7x slower per element with it.
-    cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-thread-jumps"]
+    # sigmoid with a blend per region; gate_sum's backward row ran 1.7x slower per element with it
+    # (a GCC flag: left out for clang).
+    cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math", *(["-fno-thread-jumps"] if is_gcc() else [])]
     if not want_cuda():
         return [
             cpp_extension.CppExtension(
