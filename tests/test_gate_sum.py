@@ -100,6 +100,41 @@ def test_cpu_whole_image_rows(threads, T, residuals, dtype):
         torch.set_num_threads(old)
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="no compiled CPU kernels")
+@pytest.mark.parametrize(
+    "dtype,layout,affine",
+    [
+        (torch.float32, "contiguous", False),
+        (torch.float32, "channels_last", True),
+        (torch.bfloat16, "contiguous", True),
+        (torch.bfloat16, "channels_last", False),
+    ],
+)
+def test_cpu_streamed_outputs(dtype, layout, affine):
+    """Calls that move more than 64 MiB write their outputs with streaming stores, staged in
+    128-element chunks (csrc/cpu/stream_store.h). Here 4M-element planes (T=3: 18 planes forward,
+    27 backward) take that path, in rows whose lengths (127 x 131 pixels, 61 channels) leave
+    unaligned heads and partial chunks; the results equal the reference, and backward_out into
+    a stacked gradient's slices equals the allocating backward."""
+    from mtl_kernels.ops.gate_sum import fused_ops
+
+    shape = (2, 61, 131, 127)
+    check(3, shape, dtype, "cpu", "cpu", layout=layout, affine=affine)
+    stacked, _, feats, gates, targets, (scale, shift) = padnet_inputs(3, shape, dtype, "cpu", layout, affine=affine)
+    feats, gates = [f.detach() for f in feats], [g.detach() for g in gates]
+    scale, shift = (None, None) if scale is None else (scale.detach(), shift.detach())
+    grad_outs = [torch.randn_like(feats[0]) for _ in range(3)]
+    _, backward, backward_out = fused_ops("cpu")
+    want_f, want_g, _, _ = backward(grad_outs, feats, gates, targets, scale, shift)
+    grads = [torch.full_like(s, float("nan")) for s in stacked]
+    C = shape[1]
+    into_f = [grads[i // 2][:, 2 * (i % 2) * C : (2 * (i % 2) + 1) * C] for i in range(len(feats))]
+    into_g = [grads[i // 2][:, (2 * (i % 2) + 1) * C : (2 * (i % 2) + 2) * C] for i in range(len(feats))]
+    backward_out(grad_outs, feats, gates, targets, scale, shift, into_f, into_g)
+    for got, want in zip(into_f + into_g, list(want_f) + list(want_g)):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_storage(device, backend, dtype):

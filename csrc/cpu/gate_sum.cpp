@@ -21,6 +21,10 @@
 #include <tuple>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>  // streaming stores (cpu/stream_store.h)
+#endif
+
 #include "common/cross_stitch.h"
 #include "cpu/huge_pages.h"
 #include "cpu/isa.h"
@@ -81,27 +85,46 @@ struct Walk {  // rows of the outputs' layout
 #define MTL_ISA_ROWS "cpu/gate_sum_rows.h"
 #include "cpu/isa_variants.h"
 
+// stream: write the outputs with streaming stores (AVX2 and AVX-512 only; see
+// cpu/stream_store.h and kStreamAboveBytes).
 template <bool kVec, typename scalar_t, typename acc_t>
-void output_row_dispatch(scalar_t* out, const scalar_t* res, int64_t n, int64_t pairs, const scalar_t* const* f,
-                         const int64_t* fs, const scalar_t* const* g, const int64_t* gs, const acc_t* sc,
-                         const acc_t* sh) {
-  switch (best_isa()) {
-    case Isa::kAvx512: return isa_avx512::output_row<kVec>(out, res, n, pairs, f, fs, g, gs, sc, sh);
-    case Isa::kAvx2: return isa_avx2::output_row<kVec>(out, res, n, pairs, f, fs, g, gs, sc, sh);
-    default: return isa_base::output_row<kVec>(out, res, n, pairs, f, fs, g, gs, sc, sh);
+void output_row_dispatch(bool stream, scalar_t* out, const scalar_t* res, int64_t n, int64_t pairs,
+                         const scalar_t* const* f, const int64_t* fs, const scalar_t* const* g, const int64_t* gs,
+                         const acc_t* sc, const acc_t* sh) {
+  const Isa isa = best_isa();
+  if (stream && isa == Isa::kAvx512)
+    return isa_avx512::output_row<kVec, true>(out, res, n, pairs, f, fs, g, gs, sc, sh);
+  if (stream && isa == Isa::kAvx2) return isa_avx2::output_row<kVec, true>(out, res, n, pairs, f, fs, g, gs, sc, sh);
+  switch (isa) {
+    case Isa::kAvx512: return isa_avx512::output_row<kVec, false>(out, res, n, pairs, f, fs, g, gs, sc, sh);
+    case Isa::kAvx2: return isa_avx2::output_row<kVec, false>(out, res, n, pairs, f, fs, g, gs, sc, sh);
+    default: return isa_base::output_row<kVec, false>(out, res, n, pairs, f, fs, g, gs, sc, sh);
   }
 }
 
 template <bool kVec, bool kSums, typename scalar_t, typename acc_t>
-void gate_row_backward_dispatch(int64_t n, const scalar_t* go, const scalar_t* f, const scalar_t* g, scalar_t* gf,
-                                scalar_t* gg, const int64_t (&st)[4], const acc_t* sc, const acc_t* sh, acc_t* sums,
-                                int64_t width) {
-  switch (best_isa()) {
+void gate_row_backward_dispatch(bool stream, int64_t n, const scalar_t* go, const scalar_t* f, const scalar_t* g,
+                                scalar_t* gf, scalar_t* gg, const int64_t (&st)[4], const acc_t* sc, const acc_t* sh,
+                                acc_t* sums, int64_t width) {
+  const Isa isa = best_isa();
+  if (stream && isa == Isa::kAvx512)
+    return isa_avx512::gate_row_backward_streamed<kVec, kSums>(n, go, f, g, gf, gg, st, sc, sh, sums, width);
+  if (stream && isa == Isa::kAvx2)
+    return isa_avx2::gate_row_backward_streamed<kVec, kSums>(n, go, f, g, gf, gg, st, sc, sh, sums, width);
+  switch (isa) {
     case Isa::kAvx512: return isa_avx512::gate_row_backward<kVec, kSums>(n, go, f, g, gf, gg, st, sc, sh, sums, width);
     case Isa::kAvx2: return isa_avx2::gate_row_backward<kVec, kSums>(n, go, f, g, gf, gg, st, sc, sh, sums, width);
     default: return isa_base::gate_row_backward<kVec, kSums>(n, go, f, g, gf, gg, st, sc, sh, sums, width);
   }
 }
+
+// Whether an op that moves `bytes` through memory should write its outputs
+// with streaming stores: when it moves more than twice a large last-level
+// cache (32 MiB on the dev machine), its outputs are gone from the cache by
+// the time the next op reads them, so reading their lines before writing them
+// is wasted traffic. Smaller ops keep plain stores (their outputs may still be
+// in cache for the next op).
+constexpr int64_t kStreamAboveBytes = int64_t(64) << 20;
 
 void check(at::TensorList feats, at::TensorList gates, at::IntArrayRef targets, int64_t num_outputs,
            const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift) {
@@ -156,6 +179,8 @@ std::vector<at::Tensor> gate_sum_cpu(at::TensorList residuals_in, at::TensorList
     for (auto& r : residuals) res.push_back(view_of<scalar_t>(r));
     const acc_t *scp = sc.const_data_ptr<acc_t>(), *shp = sh.const_data_ptr<acc_t>();
     const int64_t n = walk.len();
+    const int64_t planes = num_outputs + static_cast<int64_t>(residuals.size() + 2 * feats.size());
+    const bool stream = planes * f0.numel() * static_cast<int64_t>(sizeof(scalar_t)) > kStreamAboveBytes;
     at::parallel_for(0, walk.rows(), std::max<int64_t>(1, kGrain / n), [&](int64_t r0, int64_t r1) {
       // this row's pairs of each output: pointers to their rows, and the steps along them
       std::vector<const scalar_t*> fp(f.size()), gp(f.size());
@@ -175,11 +200,13 @@ std::vector<at::Tensor> gate_sum_cpu(at::TensorList residuals_in, at::TensorList
           scalar_t* op = out[t].ptr + walk.row(out[t], r).first;
           const scalar_t* rp = res.empty() ? nullptr : res[t].ptr + walk.row(res[t], r).first;
           if (walk.channels_last)
-            output_row_dispatch<true>(op, rp, n, pairs, fp.data(), fs.data(), gp.data(), gs.data(), scp, shp);
+            output_row_dispatch<true>(stream, op, rp, n, pairs, fp.data(), fs.data(), gp.data(), gs.data(), scp, shp);
           else
-            output_row_dispatch<false>(op, rp, n, pairs, fp.data(), fs.data(), gp.data(), gs.data(), scp + c, shp + c);
+            output_row_dispatch<false>(stream, op, rp, n, pairs, fp.data(), fs.data(), gp.data(), gs.data(), scp + c,
+                                       shp + c);
         }
       }
+      if (stream) isa_base::stream_fence();
     });
   });
   return outs;
@@ -230,6 +257,8 @@ std::tuple<at::Tensor, at::Tensor> gate_sum_backward_into(at::TensorList grad_ou
       const acc_t *scp = sc.const_data_ptr<acc_t>(), *shp = sh.const_data_ptr<acc_t>();
       acc_t* part = sums ? partial.mutable_data_ptr<acc_t>() : nullptr;
       const int64_t n = walk.len(), width = walk.channels_last ? walk.C : 1;
+      const int64_t planes = static_cast<int64_t>(grad_outs.size() + 4 * feats.size());
+      const bool stream = planes * f0.numel() * static_cast<int64_t>(sizeof(scalar_t)) > kStreamAboveBytes;
       at::parallel_for(0, chunks, std::max<int64_t>(1, kGrain / (n * per_chunk)), [&](int64_t q0, int64_t q1) {
         for (int64_t q = q0; q < q1; ++q) {
           acc_t* ps = sums ? part + q * 2 * width : nullptr;
@@ -244,17 +273,21 @@ std::tuple<at::Tensor, at::Tensor> gate_sum_backward_into(at::TensorList grad_ou
               const scalar_t *gop = go[targets[i]].ptr + oo, *fp = f[i].ptr + fo, *gp = g[i].ptr + gio;
               scalar_t *gfp = gf[i].ptr + gfo, *ggp = gg[i].ptr + ggo;
               const int64_t c0 = walk.channels_last || walk.whole_images ? 0 : r % walk.C;
+              const bool streamed = stream && gfs == 1 && ggs == 1;  // the staged chunks copy out densely
               if (walk.channels_last && sums)
-                gate_row_backward_dispatch<true, true>(n, gop, fp, gp, gfp, ggp, st, scp, shp, ps, width);
+                gate_row_backward_dispatch<true, true>(streamed, n, gop, fp, gp, gfp, ggp, st, scp, shp, ps, width);
               else if (walk.channels_last)
-                gate_row_backward_dispatch<true, false>(n, gop, fp, gp, gfp, ggp, st, scp, shp, ps, width);
+                gate_row_backward_dispatch<true, false>(streamed, n, gop, fp, gp, gfp, ggp, st, scp, shp, ps, width);
               else if (sums)
-                gate_row_backward_dispatch<false, true>(n, gop, fp, gp, gfp, ggp, st, scp + c0, shp + c0, ps, width);
+                gate_row_backward_dispatch<false, true>(streamed, n, gop, fp, gp, gfp, ggp, st, scp + c0, shp + c0,
+                                                        ps, width);
               else
-                gate_row_backward_dispatch<false, false>(n, gop, fp, gp, gfp, ggp, st, scp + c0, shp + c0, ps, width);
+                gate_row_backward_dispatch<false, false>(streamed, n, gop, fp, gp, gfp, ggp, st, scp + c0, shp + c0,
+                                                         ps, width);
             }
           }
         }
+        if (stream) isa_base::stream_fence();
       });
     });
   }

@@ -3,6 +3,7 @@
 // namespace and a `#pragma GCC target` region of its own.
 
 #include "cpu/vec_math.h"
+#include "cpu/stream_store.h"
 
 __attribute__((always_inline)) inline float sigmoid(float x) { return 1.0f / (1.0f + exp_vec(-x)); }
 inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }  // exp(-x) = inf gives 0, no NaN
@@ -15,11 +16,13 @@ inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }  // exp(-
 template <bool kVec, typename D, typename S, typename scalar_t, typename acc_t>
 inline void gate_row(D* dst, const S* src, int64_t n, const scalar_t* __restrict f, int64_t fs,
                      const scalar_t* __restrict g, int64_t gs, const acc_t* sc, const acc_t* sh) {
-  auto term = [&](int64_t k, int64_t fk, int64_t gk) {
+  // always_inline: a lambda left out of line is a call per element (seen once a second
+  // instantiation of the callers made GCC stop inlining it: the forward ran 8x slower)
+  auto term = [&](int64_t k, int64_t fk, int64_t gk) __attribute__((always_inline)) {
     const acc_t a = kVec ? sc[k] : sc[0], b = kVec ? sh[k] : sh[0];
     return static_cast<acc_t>(f[fk]) * sigmoid(static_cast<acc_t>(g[gk]) * a + b);
   };
-  auto base = [&](int64_t k) { return src ? static_cast<acc_t>(src[k]) : acc_t(0); };
+  auto base = [&](int64_t k) __attribute__((always_inline)) { return src ? static_cast<acc_t>(src[k]) : acc_t(0); };
   if (fs == 1 && gs == 1 && src)
     for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<D>(static_cast<acc_t>(src[k]) + term(k, k, k));
   else if (fs == 1 && gs == 1)
@@ -32,21 +35,21 @@ inline void gate_row(D* dst, const S* src, int64_t n, const scalar_t* __restrict
 // pairs p of f[p][k] * sigmoid(g[p][k] * scale + shift). out and res are dense
 // along the row. The row goes in chunks so that the running sum stays in L1;
 // the first pair reads the residual and the last writes the output, so each
-// element of memory is touched once.
-template <bool kVec, typename scalar_t, typename acc_t>
+// element of memory is touched once. kStream: the last pair writes a staging
+// chunk that streaming stores copy out (see cpu/stream_store.h).
+template <bool kVec, bool kStream, typename scalar_t, typename acc_t>
 inline void output_row(scalar_t* __restrict out, const scalar_t* __restrict res, int64_t n, int64_t pairs,
                        const scalar_t* const* f, const int64_t* fs, const scalar_t* const* g, const int64_t* gs,
                        const acc_t* sc, const acc_t* sh) {
-  constexpr int64_t kChunk = 512;
+  constexpr int64_t kChunk = kStream ? kStreamChunk : 512;
   acc_t acc[kChunk];
+  scalar_t staged[kStream ? kChunk : 1];
   for (int64_t k0 = 0; k0 < n; k0 += kChunk) {
     const int64_t m = std::min(kChunk, n - k0);
     const scalar_t* r = res ? res + k0 : nullptr;
-    scalar_t* o = out + k0;
-    if (pairs == 0) {
+    scalar_t* o = kStream ? staged : out + k0;
+    if (pairs == 0)
       for (int64_t k = 0; k < m; ++k) o[k] = r ? r[k] : scalar_t(0);
-      continue;
-    }
     for (int64_t p = 0; p < pairs; ++p) {
       const scalar_t *fp = f[p] + k0 * fs[p], *gp = g[p] + k0 * gs[p];
       const acc_t *a = kVec ? sc + k0 : sc, *b = kVec ? sh + k0 : sh;
@@ -60,6 +63,7 @@ inline void output_row(scalar_t* __restrict out, const scalar_t* __restrict res,
       else
         gate_row<kVec>(acc, static_cast<const acc_t*>(acc), m, fp, fs[p], gp, gs[p], a, b);
     }
+    if constexpr (kStream) stream_bytes(out + k0, staged, m * static_cast<int64_t>(sizeof(scalar_t)));
   }
 }
 
@@ -75,7 +79,8 @@ inline void gate_row_backward(int64_t n, const scalar_t* __restrict go, const sc
   constexpr int64_t kLanes = 8;
   acc_t l1[kLanes] = {}, l2[kLanes] = {};
   // lane: where this element's sums go (its channel's slot, or an NCHW row's lane)
-  auto body = [&](int64_t k, int64_t fs, int64_t gs, int64_t gfs, int64_t ggs, int64_t lane) {
+  auto body = [&](int64_t k, int64_t fs, int64_t gs, int64_t gfs, int64_t ggs,
+                  int64_t lane) __attribute__((always_inline)) {  // always_inline: see gate_row
     const acc_t a = kVec ? sc[k] : sc[0], b = kVec ? sh[k] : sh[0];
     const acc_t gout = static_cast<acc_t>(go[k]), gate = static_cast<acc_t>(g[k * gs]);
     const acc_t sgm = sigmoid(gate * a + b);
@@ -109,3 +114,22 @@ inline void gate_row_backward(int64_t n, const scalar_t* __restrict go, const sc
   }
 }
 
+
+// gate_row_backward with gf and gg dense along the row (unit steps), written
+// by streaming stores: each chunk goes through L1 staging buffers.
+template <bool kVec, bool kSums, typename scalar_t, typename acc_t>
+inline void gate_row_backward_streamed(int64_t n, const scalar_t* go, const scalar_t* f, const scalar_t* g,
+                                       scalar_t* gf, scalar_t* gg, const int64_t* st, const acc_t* sc,
+                                       const acc_t* sh, acc_t* sums, int64_t width) {
+  scalar_t staged_f[kStreamChunk], staged_g[kStreamChunk];
+  const int64_t staged_st[4] = {st[0], st[1], 1, 1};
+  for (int64_t k0 = 0; k0 < n; k0 += kStreamChunk) {
+    const int64_t m = std::min(kStreamChunk, n - k0);
+    // per-element channels (channels_last) and their sums start at k0
+    const int64_t c0 = kVec ? k0 : 0;
+    gate_row_backward<kVec, kSums>(m, go + k0, f + k0 * st[0], g + k0 * st[1], staged_f, staged_g, staged_st,
+                                   sc + c0, sh + c0, kSums ? sums + c0 : sums, width);
+    stream_bytes(gf + k0, staged_f, m * static_cast<int64_t>(sizeof(scalar_t)));
+    stream_bytes(gg + k0, staged_g, m * static_cast<int64_t>(sizeof(scalar_t)));
+  }
+}
