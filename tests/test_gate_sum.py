@@ -102,15 +102,16 @@ def test_cpu_whole_image_rows(threads, T, residuals, dtype):
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="no compiled CPU kernels")
 @pytest.mark.parametrize(
-    "dtype,layout,affine",
+    "dtype,layout,affine,threads",
     [
-        (torch.float32, "contiguous", False),
-        (torch.float32, "channels_last", True),
-        (torch.bfloat16, "contiguous", True),
-        (torch.bfloat16, "channels_last", False),
+        (torch.float32, "contiguous", False, 1),  # one thread, two images: whole-image NCHW rows
+        (torch.float32, "contiguous", False, 2),  # per-plane NCHW rows
+        (torch.float32, "channels_last", True, 2),
+        (torch.bfloat16, "contiguous", True, 2),
+        (torch.bfloat16, "channels_last", False, 2),
     ],
 )
-def test_cpu_streamed_outputs(dtype, layout, affine):
+def test_cpu_streamed_outputs(dtype, layout, affine, threads):
     """Calls that move more than 64 MiB write their outputs with streaming stores, staged in
     128-element chunks (csrc/cpu/stream_store.h). Here 4M-element planes (T=3: 18 planes forward,
     27 backward) take that path, in rows whose lengths (127 x 131 pixels, 61 channels) leave
@@ -118,13 +119,21 @@ def test_cpu_streamed_outputs(dtype, layout, affine):
     a stacked gradient's slices equals the allocating backward."""
     from mtl_kernels.ops.gate_sum import fused_ops
 
-    shape = (2, 61, 131, 127)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_streamed((2, 61, 131, 127), dtype, layout, affine, fused_ops("cpu"))
+    finally:
+        torch.set_num_threads(old)
+
+
+def _check_streamed(shape, dtype, layout, affine, ops):
     check(3, shape, dtype, "cpu", "cpu", layout=layout, affine=affine)
     stacked, _, feats, gates, targets, (scale, shift) = padnet_inputs(3, shape, dtype, "cpu", layout, affine=affine)
     feats, gates = [f.detach() for f in feats], [g.detach() for g in gates]
     scale, shift = (None, None) if scale is None else (scale.detach(), shift.detach())
     grad_outs = [torch.randn_like(feats[0]) for _ in range(3)]
-    _, backward, backward_out = fused_ops("cpu")
+    _, backward, backward_out = ops
     want_f, want_g, _, _ = backward(grad_outs, feats, gates, targets, scale, shift)
     grads = [torch.full_like(s, float("nan")) for s in stacked]
     C = shape[1]
@@ -133,6 +142,11 @@ def test_cpu_streamed_outputs(dtype, layout, affine):
     backward_out(grad_outs, feats, gates, targets, scale, shift, into_f, into_g)
     for got, want in zip(into_f + into_g, list(want_f) + list(want_g)):
         assert torch.equal(got, want)
+    # an output no pair targets: its residual, copied out through the same staging
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    res = [torch.randn(shape).to(dtype).contiguous(memory_format=fmt) for _ in range(4)]
+    outs = gate_sum(res, feats, gates, targets, 4, scale, shift, backend="cpu")
+    assert torch.equal(outs[3], res[3])
 
 
 @pytest.mark.parametrize("device,backend", CASES)
