@@ -151,8 +151,31 @@ def _check_streamed(shape, dtype, layout, affine, ops):
 
 @pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_storage(device, backend, dtype):
-    check(3, (2, 8, 6, 10), dtype, device, backend, affine=True)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("affine", [False, True])
+def test_half_storage(device, backend, dtype, layout, affine):
+    check(3, (2, 8, 6, 10), dtype, device, backend, layout=layout, affine=affine)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_features_strided_along_the_outputs_rows(device, backend, dtype):
+    """NCHW residuals (so NCHW output rows) with channels_last feature/gate slices: the CPU's
+    bf16/fp16 rows widen strided inputs and narrow into strided gradients."""
+    stacked, res, feats, gates, targets, (scale, shift) = padnet_inputs(
+        3, (2, 8, 6, 10), dtype, device, layout="channels_last", affine=True
+    )
+    res = [r.detach().contiguous().requires_grad_() for r in res]
+    outs = gate_sum(res, feats, gates, targets, 3, scale, shift, backend=backend)
+    refs = gate_sum(res, feats, gates, targets, 3, scale, shift, backend="reference")
+    for o, r in zip(outs, refs):
+        assert o.is_contiguous() and rel_err(o, r) <= TOL[dtype]
+    grads_out = [torch.randn_like(o) for o in outs]
+    leaves = [*stacked, *res, scale, shift]
+    got = torch.autograd.grad(outs, leaves, grads_out)
+    want = torch.autograd.grad(refs, leaves, grads_out)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("device,backend", CASES)
