@@ -23,7 +23,7 @@
 #include <vector>
 
 #if defined(__x86_64__)
-#include <immintrin.h>  // streaming stores (cpu/stream_store.h)
+#include <immintrin.h>  // the rows: streaming stores (cpu/stream_store.h), F16C conversions
 #endif
 
 #include "common/cross_stitch.h"

@@ -43,6 +43,47 @@ inline void convert_row(D* __restrict dst, int64_t dst_step, const S* __restrict
     for (int64_t k = 0; k < n; ++k) dst[k * dst_step] = static_cast<D>(src[k * src_step]);
 }
 
+// bf16 <-> float by bits, branch-free so the loops vectorise: float to bf16
+// rounds to nearest even, NaN to 0x7FC0, as c10::BFloat16 does.
+inline void convert_row(float* __restrict dst, int64_t dst_step, const c10::BFloat16* __restrict src,
+                        int64_t src_step, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) {
+    const uint32_t bits = uint32_t(src[k * src_step].x) << 16;
+    std::memcpy(dst + k * dst_step, &bits, sizeof bits);
+  }
+}
+inline void convert_row(c10::BFloat16* __restrict dst, int64_t dst_step, const float* __restrict src,
+                        int64_t src_step, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) {
+    const float v = src[k * src_step];
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    dst[k * dst_step].x = v != v ? uint16_t(0x7FC0) : static_cast<uint16_t>(rounded);
+  }
+}
+#if MTL_ISA > 0
+// fp16 <-> float with F16C's conversions (c10::Half's own use them only when
+// the whole build has -mf16c); both round to nearest even.
+inline void convert_row(float* __restrict dst, int64_t dst_step, const c10::Half* __restrict src, int64_t src_step,
+                        int64_t n) {
+  int64_t k = 0;
+  if (dst_step == 1 && src_step == 1)
+    for (; k + 8 <= n; k += 8)
+      _mm256_storeu_ps(dst + k, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k))));
+  for (; k < n; ++k) dst[k * dst_step] = static_cast<float>(src[k * src_step]);
+}
+inline void convert_row(c10::Half* __restrict dst, int64_t dst_step, const float* __restrict src, int64_t src_step,
+                        int64_t n) {
+  int64_t k = 0;
+  if (dst_step == 1 && src_step == 1)
+    for (; k + 8 <= n; k += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + k),
+                       _mm256_cvtps_ph(_mm256_loadu_ps(src + k), _MM_FROUND_TO_NEAREST_INT));
+  for (; k < n; ++k) dst[k * dst_step] = static_cast<c10::Half>(src[k * src_step]);
+}
+#endif
+
 template <bool kVec, bool kStream, typename scalar_t, typename acc_t>
 inline void output_row_widened(scalar_t* __restrict out, const scalar_t* __restrict res, int64_t n, int64_t pairs,
                                const scalar_t* const* f, const int64_t* fs, const scalar_t* const* g,

@@ -13,10 +13,12 @@ enum class Isa { kBase, kAvx2, kAvx512 };
 inline Isa best_isa() {
   static const Isa isa = [] {
     __builtin_cpu_init();
+    // f16c: the fp16 conversions (every AVX2 CPU has it)
+    const bool f16c = __builtin_cpu_supports("f16c");
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") && f16c)
       return Isa::kAvx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c) return Isa::kAvx2;
     return Isa::kBase;
   }();
   return isa;

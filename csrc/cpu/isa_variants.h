@@ -11,7 +11,7 @@ namespace isa_base {
 }  // namespace isa_base
 #undef MTL_ISA
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 #define MTL_ISA 1
 namespace isa_avx2 {
 #include MTL_ISA_ROWS
@@ -19,7 +19,7 @@ namespace isa_avx2 {
 #undef MTL_ISA
 #pragma GCC pop_options
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")
+#pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,f16c")
 #define MTL_ISA 2
 namespace isa_avx512 {
 #include MTL_ISA_ROWS
