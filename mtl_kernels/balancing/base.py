@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..nn.tasks import check_tasks
@@ -103,3 +104,16 @@ def check_losses(losses, tasks: Sequence[str], who: str = "Balancer") -> None:
                 f"{who}: all losses must be on one device: losses[{device[0]!r}] is on {device[1]}, "
                 f"losses[{t!r}] on {loss.device}"
             )
+
+
+def as_rank0_drew(t: Tensor) -> Tensor:
+    """t, overwritten with rank 0's t under torch.distributed (default group, world size > 1).
+
+    Random draws (RLW's weights, PCGrad's order) must agree across ranks, or the ranks would weight
+    their shards differently and training would not equal one process on the union of the batches;
+    users often seed each rank differently (seed + rank for augmentation), so each method draws
+    and then takes rank 0's draw: one broadcast of T or T x T numbers per step.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(t, src=0)
+    return t

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .base import as_rank0_drew
 from .gradient import GradientBalancer
 
 
@@ -26,7 +27,7 @@ class PCGrad(GradientBalancer):
     generator of the gradients' device), sets the diagonal to 2 and sorts each row: row i's first T - 1
     entries are task i's order over the others (kept in `last_order` for inspection). A CPU generator
     with CUDA gradients costs one small non-blocking host-to-device copy; a generator on the gradients'
-    device costs nothing.
+    device costs nothing. Under torch.distributed every rank uses rank 0's keys, whatever its own seed.
     """
 
     def __init__(
@@ -48,7 +49,7 @@ class PCGrad(GradientBalancer):
             keys = torch.rand(T, T, generator=g, device=device)
         else:
             keys = torch.rand(T, T, generator=g, device=g.device).to(device, non_blocking=True)
-        keys = keys.masked_fill(torch.eye(T, dtype=torch.bool, device=device), 2.0)
+        keys = as_rank0_drew(keys).masked_fill(torch.eye(T, dtype=torch.bool, device=device), 2.0)
         return keys.argsort(dim=1)[:, : T - 1]
 
     def solve(self, G: Tensor, losses: Tensor) -> Tensor:

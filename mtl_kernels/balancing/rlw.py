@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .base import Balancer
+from .base import Balancer, as_rank0_drew
 
 
 class RLW(Balancer):
@@ -17,7 +17,8 @@ class RLW(Balancer):
     equally while keeping the optimiser from settling on one task's trade-off.
     The weights sum to 1. generator: an optional torch.Generator for
     reproducible draws; one on the losses' device avoids a host-to-device copy
-    each step (a CPU generator also works with CUDA losses).
+    each step (a CPU generator also works with CUDA losses). Under
+    torch.distributed every rank uses rank 0's draw, whatever its own seed.
     """
 
     def __init__(self, tasks: Sequence[str], generator: torch.Generator | None = None):
@@ -35,5 +36,5 @@ class RLW(Balancer):
             z = torch.randn(T, generator=g, device=L.device, dtype=dtype)
         else:
             z = torch.randn(T, generator=g, device=g.device, dtype=dtype).to(L.device)
-        w = torch.softmax(z, dim=0)
+        w = torch.softmax(as_rank0_drew(z), dim=0)
         return (w * L).sum(), dict(zip(self.tasks, w.unbind(0)))
