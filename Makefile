@@ -3,7 +3,8 @@
 # make test   build (CUDA kernels included, so CI proves they compile) and run every test
 # make bench  every benchmark, rows appended to benchmarks/results/<device>.json
 # make gpu-test   on a GPU machine: build, then only the tests marked cuda (CUDA and Triton on the GPU)
-# make gpu-bench  on a GPU machine: every benchmark on cuda, --quick (rows saved)
+# make gpu-bench  on a GPU machine: every benchmark on cuda, --quick (rows saved; MTL_BENCH_RESULTS_DIR=$$OUT/results
+#             saves them there instead, one file per device, appended after each benchmark)
 # make gpu-image-check  without a GPU: build (CUDA included) and test against the GPU machines'
 #             torch 2.11 / Triton 3.6 in .venv-gpu-image (5 GB from PyPI; not part of make test)
 #

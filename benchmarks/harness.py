@@ -48,7 +48,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 MODES = ("forward", "backward", "both")
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# MTL_BENCH_RESULTS_DIR elsewhere: e.g. $OUT on the device machine, so rows saved before a
+# command's time limit come back even if a later benchmark is cut off.
+RESULTS_DIR = os.environ.get("MTL_BENCH_RESULTS_DIR") or os.path.join(os.path.dirname(__file__), "results")
 
 
 # --------------------------------------------------------------------------- cases and settings
@@ -573,7 +575,7 @@ def main(argv, doc: str, title: str, run, *, quick_help: str, full_help: str | N
     """The command line every benchmark shares: --quick, [--full,] --no-save, --device, --impls.
 
     run(device, quick=, impls=[, full=]) returns the rows; they are printed and
-    (unless --no-save) appended to benchmarks/results/<device>.json.
+    (unless --no-save) appended to benchmarks/results/<device>.json ($MTL_BENCH_RESULTS_DIR if set).
     """
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--quick", action="store_true", help=quick_help)

@@ -1,6 +1,8 @@
 """The benchmark harness: run_cases times the implementations of a configuration interleaved."""
 
+import json
 import os
+import subprocess
 import sys
 
 import torch
@@ -46,3 +48,16 @@ def test_run_cases_interleaves_the_reps():
         "cpu",
     ]
     assert harness.run_cases([], settings) == []
+
+
+def test_results_dir_from_the_environment(tmp_path):
+    """MTL_BENCH_RESULTS_DIR (e.g. $OUT on the device machine) is where rows are appended."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = "from benchmarks import harness; print(harness.RESULTS_DIR)"
+    env = {**os.environ, "MTL_BENCH_RESULTS_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(tmp_path)
+    harness.save([{"op": "toy"}], torch.device("cpu"), str(tmp_path))
+    path = harness.save([{"op": "toy2"}], torch.device("cpu"), str(tmp_path))
+    with open(path) as f:
+        assert [r["op"] for r in json.load(f)] == ["toy", "toy2"]
