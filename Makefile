@@ -1,5 +1,5 @@
 # make run    the main job: a cross-stitch demonstration, then models trained on the built-in Scenes
-#             (runs/main/: metrics, Delta_m, fused-vs-reference step time; 13 minutes on 2 cores, build included)
+#             (runs/main/: metrics, Delta_m, fused-vs-reference step time; 10 minutes on 2 cores once built)
 # make test   build (CUDA kernels included, so CI proves they compile) and run every test
 # make bench  every benchmark, rows appended to benchmarks/results/<device>.json
 # make gpu-test   on a GPU machine: build, then only the tests marked cuda (CUDA and Triton on the GPU)
