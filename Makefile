@@ -65,9 +65,10 @@ gpu-bench: build
 # The interpreter is off: Triton 3.6's fails on these kernels ("only 0-dimensional arrays can be
 # converted to Python scalars"); on a GPU they run compiled, which test_triton_sm90 checks with 3.6.
 GPU_IMAGE_PINS := torch==2.11.0 torchvision==0.26.0 triton==$(TRITON_GPU_IMAGE)
+# (setuptools left to pip: torch 2.11 requires an older one than the pinned 84)
 gpu-image-check:
 	test -x .venv-gpu-image/bin/python || python3 -m venv .venv-gpu-image
-	.venv-gpu-image/bin/python -m pip install -q $(GPU_IMAGE_PINS) $$(grep -vE '^(#|torch|torchvision|triton)' requirements-dev.txt)
+	.venv-gpu-image/bin/python -m pip install -q $(GPU_IMAGE_PINS) $$(grep -vE '^(#|torch|torchvision|triton|setuptools)' requirements-dev.txt)
 	rm -rf build/gpu-image && mkdir -p build/gpu-image && git ls-files -z | xargs -0 cp --parents -t build/gpu-image
 	cd build/gpu-image && MTL_KERNELS_CUDA=1 ../../.venv-gpu-image/bin/python -m pip install -q --no-build-isolation --no-deps -e .
 	cd build/gpu-image && TRITON_INTERPRET=0 MTL_KERNELS_EXPECT_CUDA=1 ../../.venv-gpu-image/bin/python -m pytest tests -q -ra

@@ -353,6 +353,21 @@ def test_upsampled_matches_interpolate_then_loss(device, backend, kind, dtype, s
     assert rel_err(g, grad_of(ref, pred)) <= tol
 
 
+@pytest.mark.parametrize("device,backend", [("cpu", "reference"), *CASES])
+@pytest.mark.parametrize("kind", KINDS)
+def test_upsampled_channels_last_prediction(device, backend, kind):
+    """A channels_last prediction (a model run in channels_last) upsampled inside the loss: the same
+    loss and gradient as the NCHW one (the reference backend used to raise for 3-D class targets)."""
+    pred, _ = make(kind, (2, 3, 5, 7), torch.float32, device)
+    _, target = make(kind, (2, 3, 11, 13), torch.float32, device)
+    pw = 0.95 if kind == "balanced_bce" else None
+    nhwc = pred.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    loss = dense_loss(nhwc, target, kind, pos_weight=pw, upsample=True, backend=backend)
+    want = dense_loss(pred, target, kind, pos_weight=pw, upsample=True, backend=backend)
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad_of(loss, nhwc), grad_of(want, pred), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("kind", KINDS)
 def test_upsampled_is_fused(device, backend, kind, monkeypatch):

@@ -74,8 +74,9 @@ def dense_loss_sums(pred, target, kind, pos_weight, invalid, backend, inplace_ba
     """(sum of terms, count, malformed targets) of checked, prepared arguments on a resolved backend."""
     resize = pred.shape[-2:] != target.shape[-2:]
     if resize and backend == "reference":  # F.interpolate, then the loss at the target's size
+        # Both NCHW (F.interpolate keeps a channels_last pred so; cross-entropy targets are 3-D).
         pred = F.interpolate(pred, size=tuple(target.shape[-2:]), mode="bilinear", align_corners=False)
-        pred, target = pred.contiguous(), target.contiguous(memory_format=dense_format(pred))
+        pred, target = pred.contiguous(), target.contiguous()
         resize = False
     if resize and backend == "triton" and pred.is_cuda:  # the CUDA op alerts by itself
         _alert_not_deterministic("dense_loss_upsampled_triton")
