@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from conftest import fused_backends
 
 import mtl_kernels as mk
+from mtl_kernels.nn.loss import TASK_KINDS
 from mtl_kernels.ops import dense_loss
 from mtl_kernels.ops.dense_loss import IMPLEMENTED
 from mtl_kernels.reference.dense_loss import survey_loss
@@ -422,6 +423,50 @@ def test_upsampled_gradcheck(backend):
         assert torch.autograd.gradcheck(
             lambda p, t=target, k=kind, w=pw: dense_loss(p, t, k, pos_weight=w, upsample=True, backend=backend), (pred,)
         )
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_module_finishes_every_task_together(backend):
+    """The per-task means and the weighted total come from one stack of every task's sums: the
+    same as dense_loss task by task; tasks of different accumulation types (fp64 and fp32) go one
+    by one; weights changed after a call are used at the next."""
+    preds, targets = batch(NYUD)
+    loss = mk.nn.DenseMultiTaskLoss(list(NYUD), {"semseg": 1.0, "depth": 2.0, "normals": 10.0, "edge": 50.0})
+    loss.backend = backend
+    for mixed in (False, True):
+        if mixed:
+            preds["depth"] = preds["depth"].detach().double().requires_grad_()
+        total, parts = loss(preds, targets)
+        for t in NYUD:
+            kind, pos_weight = TASK_KINDS[t]
+            want = dense_loss(preds[t], targets[t], kind, pos_weight=pos_weight, backend=backend)
+            assert parts[t].dtype == want.dtype
+            torch.testing.assert_close(parts[t], want, rtol=1e-6, atol=0)
+        want_total = sum(loss.weights[t] * parts[t].double() for t in NYUD)
+        torch.testing.assert_close(total.double(), want_total, rtol=1e-6, atol=0)
+        grads = torch.autograd.grad(total, [preds[t] for t in NYUD])
+        for t, g in zip(NYUD, grads):
+            kind, pos_weight = TASK_KINDS[t]
+            one = dense_loss(preds[t], targets[t], kind, pos_weight=pos_weight, backend=backend)
+            (want_g,) = torch.autograd.grad(loss.weights[t] * one, preds[t])
+            assert rel_err(g, want_g) <= 1e-5, t
+    preds["depth"] = preds["depth"].detach().float().requires_grad_()
+    total, _ = loss(preds, targets)
+    loss.weights["depth"] = 3.0
+    total_again, parts = loss(preds, targets)
+    torch.testing.assert_close(total_again.double() - total.double(), parts["depth"].double(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_compiles(backend):
+    preds, targets = batch(NYUD)
+    loss = mk.nn.DenseMultiTaskLoss(list(NYUD), mk.balancing.Fixed.preset("nyud"), backend=backend, check_targets=False)
+    total, _ = torch.compile(loss, fullgraph=True, backend="aot_eager")(preds, targets)
+    want, _ = loss(preds, targets)
+    torch.testing.assert_close(total, want)
+    plain = mk.nn.DenseMultiTaskLoss(list(NYUD), {t: 1.0 for t in NYUD}, backend=backend, check_targets=False)
+    total, _ = torch.compile(plain, fullgraph=True, backend="aot_eager")(preds, targets)
+    torch.testing.assert_close(total, plain(preds, targets)[0])
 
 
 def test_module_upsamples_when_asked():

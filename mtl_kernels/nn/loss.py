@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .. import _backend
-from ..ops.dense_loss import IMPLEMENTED, check_args, dense_loss_sums, raise_if_malformed
+from ..ops.dense_loss import IMPLEMENTED, check_args, dense_loss_stats, raise_if_malformed
 from ..reference.dense_loss import INVALID, acc_dtype
 
 # The survey's task kinds: which loss each one uses, and its balanced-BCE positive weight
@@ -118,7 +118,7 @@ class DenseMultiTaskLoss(nn.Module):
         unknown = [t for t in preds if t not in self.tasks]
         if unknown:
             raise KeyError(f"DenseMultiTaskLoss: predictions for unknown tasks {unknown}; tasks are {self.tasks}")
-        losses, bads = {}, []
+        stats, infos = [], []
         for task in self.tasks:
             kind, pos_weight = TASK_KINDS[self.task_kinds[task]]
             if self.task_kinds[task] == "edge":
@@ -130,29 +130,50 @@ class DenseMultiTaskLoss(nn.Module):
             except (TypeError, ValueError) as e:
                 raise type(e)(f"DenseMultiTaskLoss, task {task!r}: {e}") from None
             backend = _backend.resolve(self.backend, pred.device, "dense_loss", IMPLEMENTED)
-            total, count, bad = dense_loss_sums(
-                pred, target, kind, pos_weight, self.depth_invalid, backend, self.inplace_backward
+            stats.append(
+                dense_loss_stats(pred, target, kind, pos_weight, self.depth_invalid, backend, self.inplace_backward)
             )
-            losses[task] = (total / count.clamp(min=1)).to(acc_dtype(pred.dtype))
-            bads.append((task, kind, pred.shape[1], bad))
+            infos.append((task, kind, pred.shape[1], acc_dtype(pred.dtype)))
+        # Every task's loss from one [T, 3] stack of (sum, count, malformed): a few ops for all
+        # the tasks rather than a few per task (on a GPU each op is a launch). The counts take no
+        # gradient. Tasks on different devices or of different accumulation types go one by one.
+        dtypes = {dtype for *_, dtype in infos}
+        if len(dtypes) == 1 and len({s.device for s in stats}) == 1:
+            S = torch.stack(stats)
+            means = (S[:, 0] / S[:, 1].detach().clamp(min=1)).to(dtypes.pop())
+            losses = dict(zip(self.tasks, means.unbind(0)))
+            bad = S[:, 2].detach()
+        else:
+            means = None
+            losses = {t: (s[0] / s[1].detach().clamp(min=1)).to(d) for (t, *_, d), s in zip(infos, stats)}
+            bad = torch.stack([s[2].detach().cpu() for s in stats])
         if self.check_targets:
-            self._raise_if_malformed(bads)
+            self._raise_if_malformed(infos, bad)
         if self.balancer is not None:
             total, _ = self.balancer(losses)
+        elif means is not None:
+            total = (self._weight_vector(means) * means).sum()
         else:
             total = sum(self.weights[t] * losses[t] for t in self.tasks)
         return total, losses
 
+    def _weight_vector(self, like: torch.Tensor) -> torch.Tensor:
+        """The fixed weights as a [T] tensor on like's device, made once per device, dtype and
+        weights (a copy from the host at every call would wait for the GPU each time)."""
+        key = (like.device, like.dtype, tuple(self.weights[t] for t in self.tasks))
+        cache = self.__dict__.setdefault("_weight_vectors", {})
+        if key not in cache:
+            cache[key] = torch.tensor(key[2], dtype=like.dtype, device=like.device)
+        return cache[key]
+
     @staticmethod
-    def _raise_if_malformed(bads) -> None:
-        if not bads:
-            return
+    def _raise_if_malformed(infos, bad: torch.Tensor) -> None:
         # One read-back for all tasks; then name the first task at fault.
-        if int(torch.stack([b.to(torch.float64) for *_, b in bads]).sum()) == 0:
+        if int(bad.sum()) == 0:
             return
-        for task, kind, classes, bad in bads:
+        for (task, kind, classes, _), b in zip(infos, bad):
             try:
-                raise_if_malformed(bad, kind, classes)
+                raise_if_malformed(b, kind, classes)
             except ValueError as e:
                 raise ValueError(f"DenseMultiTaskLoss, task {task!r}: {e}") from None
 

@@ -72,17 +72,23 @@ def dense_loss(
 
 def dense_loss_sums(pred, target, kind, pos_weight, invalid, backend, inplace_backward=False):
     """(sum of terms, count, malformed targets) of checked, prepared arguments on a resolved backend."""
+    if backend == "reference":
+        return _reference_sums(pred, target, kind, pos_weight, invalid)
+    stats = dense_loss_stats(pred, target, kind, pos_weight, invalid, backend, inplace_backward)
+    # The counts take no gradient: detached, autograd does no work for them in backward
+    # (the division's gradient with respect to its denominator, the clamp's).
+    counts = stats.detach()
+    return stats[0], counts[1], counts[2]
+
+
+def dense_loss_stats(pred, target, kind, pos_weight, invalid, backend, inplace_backward=False) -> torch.Tensor:
+    """[3] float64 (sum of terms, count, malformed targets), differentiable in the sum: one tensor
+    per task, so that DenseMultiTaskLoss finishes every task's loss in a few ops on one stack."""
+    if backend == "reference":
+        return torch.stack([x.to(torch.float64) for x in _reference_sums(pred, target, kind, pos_weight, invalid)])
     resize = pred.shape[-2:] != target.shape[-2:]
-    if resize and backend == "reference":  # F.interpolate, then the loss at the target's size
-        # Both NCHW (F.interpolate keeps a channels_last pred so; cross-entropy targets are 3-D).
-        pred = F.interpolate(pred, size=tuple(target.shape[-2:]), mode="bilinear", align_corners=False)
-        pred, target = pred.contiguous(), target.contiguous()
-        resize = False
     if resize and backend == "triton" and pred.is_cuda:  # the CUDA op alerts by itself
         _alert_not_deterministic("dense_loss_upsampled_triton")
-    if backend == "reference":
-        total, count, bad = _reference.dense_loss(pred, target, kind, pos_weight, invalid)
-        return total, count.to(total.dtype), bad
     if pos_weight is None and kind == "balanced_bce":  # the batch's share of negatives, on the device
         pos_weight = 1.0 - (target >= 0.5).sum(dtype=torch.float64) / target.numel()
     else:
@@ -95,10 +101,16 @@ def dense_loss_sums(pred, target, kind, pos_weight, invalid, backend, inplace_ba
     else:
         op = ops.dense_loss_upsampled if resize else ops.dense_loss
     stats, _ = op(pred, target, _KIND_CODE[kind], pos_weight, _INVALID_CODE[invalid], inplace_backward)
-    # The counts take no gradient: detached, autograd does no work for them in backward
-    # (the division's gradient with respect to its denominator, the clamp's).
-    counts = stats.detach()
-    return stats[0], counts[1], counts[2]
+    return stats
+
+
+def _reference_sums(pred, target, kind, pos_weight, invalid):
+    if pred.shape[-2:] != target.shape[-2:]:  # F.interpolate, then the loss at the target's size
+        # Both NCHW (F.interpolate keeps a channels_last pred so; cross-entropy targets are 3-D).
+        pred = F.interpolate(pred, size=tuple(target.shape[-2:]), mode="bilinear", align_corners=False)
+        pred, target = pred.contiguous(), target.contiguous()
+    total, count, bad = _reference.dense_loss(pred, target, kind, pos_weight, invalid)
+    return total, count.to(total.dtype), bad
 
 
 def _alert_not_deterministic(what: str) -> None:
