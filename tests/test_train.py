@@ -14,7 +14,7 @@ from mtl_kernels.train import ConfigError, Trainer, build_config, load_config
 from mtl_kernels.train.__main__ import main as cli_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*", "*.yaml")))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "mtl_kernels", "configs", "*", "*.yaml")))
 
 
 def tiny(tmp_path, **over):
@@ -57,7 +57,7 @@ def test_every_shipped_config_is_valid(path):
 def test_configs_cover_every_model_and_dataset():
     from mtl_kernels.models import MODELS
 
-    names = {os.path.relpath(p, os.path.join(ROOT, "configs")) for p in CONFIGS}
+    names = {os.path.relpath(p, os.path.join(ROOT, "mtl_kernels", "configs")) for p in CONFIGS}
     for dataset in ("scenes", "nyud", "pascal"):
         for model in MODELS:
             assert f"{dataset}/{model}.yaml" in names
@@ -92,10 +92,32 @@ def test_config_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
     assert cli_main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    with pytest.raises(ConfigError, match="shipped configs: .*nyud/mti_net"):
+        load_config("nyud/no_such_model")
+
+
+@pytest.mark.parametrize("name", ["nyud/mti_net", "nyud/mti_net.yaml", "configs/nyud/mti_net.yaml"])
+def test_shipped_configs_by_name(name):
+    """The configs ship inside the package (a wheel install has them too) and load by name, or by
+    the path they had in a clone; a file of that name in the working directory comes first."""
+    from mtl_kernels.train.config import CONFIG_DIR, packaged_configs, resolve_config
+
+    assert resolve_config(name) == os.path.join(CONFIG_DIR, "nyud", "mti_net.yaml")
+    assert load_config(name)["model"]["name"] == "mti_net"
+    assert len(packaged_configs()) == len(CONFIGS)
+
+
+def test_a_local_file_wins_over_a_shipped_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "nyud").mkdir()
+    (tmp_path / "nyud" / "mti_net.yaml").write_text(open(CONFIGS[0]).read())
+    from mtl_kernels.train.config import resolve_config
+
+    assert resolve_config("nyud/mti_net.yaml") == "nyud/mti_net.yaml"
 
 
 def test_overrides(tmp_path):
-    path = os.path.join(ROOT, "configs", "scenes", "multi_task.yaml")
+    path = os.path.join(ROOT, "mtl_kernels", "configs", "scenes", "multi_task.yaml")
     cfg = load_config(path, ["optimizer.lr=0.01", "data.tasks=[depth]", "epochs=3"])
     assert cfg["optimizer"]["lr"] == 0.01 and cfg["data"]["tasks"] == ["depth"] and cfg["epochs"] == 3
     with pytest.raises(ConfigError, match="key.path=value"):

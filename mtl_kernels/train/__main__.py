@@ -1,4 +1,4 @@
-"""python -m mtl_kernels.train --config configs/scenes/multi_task.yaml [--set key.path=value ...] [--resume]
+"""python -m mtl_kernels.train --config scenes/multi_task [--set key.path=value ...] [--resume]
 
 Single process, or one per device under torchrun (torchrun --nproc_per_node=2 -m mtl_kernels.train ...).
 """
@@ -15,7 +15,9 @@ from .engine import train
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mtl_kernels.train", description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, help="a YAML file (see configs/)")
+    p.add_argument(
+        "--config", required=True, help="a YAML file, or a shipped config by name: <dataset>/<model>, e.g. nyud/mti_net"
+    )
     p.add_argument(
         "--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. epochs=2 optimizer.lr=1e-3"
     )

@@ -1,4 +1,5 @@
-"""Training configuration: a YAML file (configs/*.yaml) read into a checked, nested dict with defaults.
+"""Training configuration: a YAML file, or a shipped mtl_kernels/configs/<dataset>/<model>.yaml by name,
+read into a checked, nested dict with defaults.
 
 Every key a config may have is in DEFAULTS; an unknown key, a wrong type or a missing required value is a
 ConfigError naming the key path (e.g. "optimizer.lr") and what was expected. Overrides from the command
@@ -153,11 +154,38 @@ def build_config(raw: Mapping, overrides: list[str] = ()) -> dict:
     return _check(_merge(DEFAULTS, raw, ""))
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
-    """Reads a YAML config file; a missing file or bad YAML is a ConfigError naming the file."""
+# The configs shipped with the package, for every model and dataset: <dataset>/<model>.yaml.
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def packaged_configs() -> list[str]:
+    """The names of the shipped configs, e.g. "nyud/mti_net"."""
+    names = []
+    for dataset in sorted(os.listdir(CONFIG_DIR)):
+        folder = os.path.join(CONFIG_DIR, dataset)
+        if os.path.isdir(folder):
+            names += [f"{dataset}/{f.removesuffix('.yaml')}" for f in sorted(os.listdir(folder)) if f.endswith(".yaml")]
+    return names
+
+
+def resolve_config(path: str | os.PathLike) -> str:
+    """A config file's path: `path` itself if it is a file, else the shipped config it names
+    ("nyud/mti_net", "nyud/mti_net.yaml" or "configs/nyud/mti_net.yaml", as from a clone)."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} does not exist")
+    if os.path.isfile(path):
+        return path
+    name = path.replace(os.sep, "/").removeprefix("./").removeprefix("configs/").removesuffix(".yaml")
+    shipped = os.path.join(CONFIG_DIR, *name.split("/")) + ".yaml"
+    if name in packaged_configs() and os.path.isfile(shipped):
+        return shipped
+    names = ", ".join(packaged_configs())
+    raise ConfigError(f"config file {path!r} does not exist, and it names none of the shipped configs: {names}")
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
+    """Reads a YAML config file, or a shipped config by name (see resolve_config); a missing file
+    or bad YAML is a ConfigError naming the file."""
+    path = resolve_config(path)
     try:
         with open(path) as f:
             raw = yaml.safe_load(f)
