@@ -55,7 +55,7 @@ def leaves(n, shape, layout, dtype=torch.float32, seed=0):
     ]
 
 
-def both(fn, inputs, grads=None):
+def both(fn, inputs):
     """fn's outputs and the gradients of every input (random output gradients from a fixed seed)."""
     outs = fn(*inputs)
     g = torch.Generator().manual_seed(1)

@@ -206,7 +206,6 @@ inline void gate_row_backward(int64_t n, const scalar_t* __restrict go, const sc
   }
 }
 
-
 // gate_row_backward with gf and gg dense along the row (unit steps), written
 // by streaming stores: each chunk goes through L1 staging buffers.
 template <bool kVec, bool kSums, typename scalar_t, typename acc_t>

@@ -81,6 +81,7 @@ class DenseMultiTaskLoss(nn.Module):
         self.tasks = list(task_kinds)
         self.upsample, self.depth_invalid, self.edge_pos_weight = upsample, depth_invalid, edge_pos_weight
         self.check_targets, self.inplace_backward, self.backend = check_targets, inplace_backward, backend
+        self._weight_vectors: dict[tuple, torch.Tensor] = {}  # see _weight_vector
         if isinstance(weights, nn.Module):
             self.balancer, self.weights = weights, None
             tasks = getattr(weights, "tasks", None)
@@ -161,10 +162,9 @@ class DenseMultiTaskLoss(nn.Module):
         """The fixed weights as a [T] tensor on like's device, made once per device, dtype and
         weights (a copy from the host at every call would wait for the GPU each time)."""
         key = (like.device, like.dtype, tuple(self.weights[t] for t in self.tasks))
-        cache = self.__dict__.setdefault("_weight_vectors", {})
-        if key not in cache:
-            cache[key] = torch.tensor(key[2], dtype=like.dtype, device=like.device)
-        return cache[key]
+        if key not in self._weight_vectors:
+            self._weight_vectors[key] = torch.tensor(key[2], dtype=like.dtype, device=like.device)
+        return self._weight_vectors[key]
 
     @staticmethod
     def _raise_if_malformed(infos, bad: torch.Tensor) -> None:
