@@ -10,6 +10,8 @@ impls
   cpu/cuda/triton  DenseMultiTaskLoss(backend=...), targets unchecked as in compile (the check
            reads a count back to the host, a synchronisation a like-for-like row leaves out)
   <backend>+inplace  the same with inplace_backward=True (one prediction-sized tensor less)
+  <backend>+per-task  cpu/cuda with group_tasks=False: one launch per task where the rows above
+           run the full-size tasks as one launch of dense_loss_group (and one for backward)
 
 Task sets, with the survey's weights:
   nyud    semseg (40 classes) 1, depth 1, normals 10, edge 50 at 480 x 640 targets; predictions
@@ -114,14 +116,15 @@ def make_cases(name, res, B, dtype, device, impls):
             compiled = harness.compile_reference(ref)
             yield harness.Case(impl=impl, forward=module_total(compiled), leaves=leaves, compiled=True, **common)
         else:
-            backend, _, inplace = impl.partition("+")
+            backend, _, variant = impl.partition("+")
             # Targets unchecked, as in the compile case: the check reads a count back to the host.
             fused = DenseMultiTaskLoss(
                 list(tasks),
                 weights,
                 upsample=True,
                 check_targets=False,
-                inplace_backward=bool(inplace),
+                inplace_backward=variant == "inplace",
+                group_tasks=variant != "per-task",
                 backend=backend,
             )
             yield harness.Case(impl=impl, forward=module_total(fused), leaves=leaves, **common)
@@ -131,7 +134,8 @@ def make_cases(name, res, B, dtype, device, impls):
 def run(device: torch.device, quick: bool = False, impls: list[str] | None = None) -> list[dict]:
     available = available_backends()
     fused = fused_backends(device, available)
-    all_impls = ["eager", "compile", *fused, *(f"{b}+inplace" for b in fused)]
+    grouped = [b for b in fused if b != "triton"]
+    all_impls = ["eager", "compile", *fused, *(f"{b}+inplace" for b in fused), *(f"{b}+per-task" for b in grouped)]
     impls = [i for i in all_impls if impls is None or i in impls]
     B = 8 if device.type == "cuda" else 2
     configs = [("nyud", "full")] if quick else [("nyud", "full"), ("nyud", "quarter"), ("pascal", "full")]

@@ -75,6 +75,15 @@ TORCH_LIBRARY(mtl_kernels, m) {
   m.def("dense_loss_backward(Tensor grad, Tensor grad_sum) -> Tensor");
   // The same, scaling grad in place (inplace_backward).
   m.def("dense_loss_backward_(Tensor(a!) grad, Tensor grad_sum) -> ()");
+  // dense_loss of T tasks in one launch (one parallel region on the CPU): task t as
+  // dense_loss(preds[t], targets[t], kinds[t], pos_weights[t], invalid), all predictions of
+  // one dtype on one device, pos_weights float64 [T]. Returns (stats [T, 3], grads).
+  m.def(
+      "dense_loss_group(Tensor[] preds, Tensor[] targets, int[] kinds, Tensor pos_weights, int invalid,"
+      " bool inplace_backward) -> (Tensor, Tensor[])");
+  // Its backward in one launch: grad_preds[t] = grads[t] * grad_sums[t], as dense_loss_backward.
+  m.def("dense_loss_group_backward(Tensor[] grads, Tensor grad_sums) -> Tensor[]");
+  m.def("dense_loss_group_backward_(Tensor(a!)[] grads, Tensor grad_sums) -> ()");
   // dense_loss of a prediction smaller (or larger) than its target, resized bilinearly
   // (align_corners=False, as F.interpolate) inside the pass: pred [B, C, h, w]; target
   // [B, H, W] int64 (cross-entropy) or contiguous [B, C, H, W]. Returns (stats, grad) with

@@ -88,6 +88,7 @@ JITFunction.run = _compile_only
 
 from mtl_kernels import _backend  # noqa: E402
 from mtl_kernels.ops import combine, cross_stitch, dense_loss, gate_sum, gram, nddr  # noqa: E402
+from mtl_kernels.ops.dense_loss import dense_loss_group_stats  # noqa: E402
 from mtl_kernels.triton import _device  # noqa: E402
 
 _backend._INTERPRET = True  # lets backend="triton" take the CPU tensors that stand in for CUDA ones
@@ -170,6 +171,16 @@ def run_dense_loss(dtype, layout, T, shape):
                     pred, target, kind, pos_weight=pos_weight, check_targets=False, upsample=upsample, backend="triton"
                 )
                 _backward([loss], [pred])
+    # dense_loss_group: every kind in one launch, its backward in one more (both scalings).
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    preds, targets = [], []
+    for kind, C in kinds.items():
+        preds.append(torch.empty(B, C, H, W, dtype=dtype, memory_format=fmt, requires_grad=True))
+        ce = kind == "cross_entropy"
+        targets.append(torch.empty(B, H, W, dtype=torch.int64) if ce else torch.empty_like(preds[-1], dtype=acc))
+    for inplace in (False, True):
+        stats = dense_loss_group_stats(preds, targets, list(kinds), [None, None, None, None], "255", "triton", inplace)
+        _backward([stats[:, 0]], preds)
 
 
 def run_gram_combine(dtype, layout, T, shape):

@@ -25,6 +25,33 @@ inline void check_dense_loss_args(const at::Tensor& pred, const at::Tensor& targ
   }
 }
 
+// dense_loss_group: T tasks of dense_loss, predictions of one dtype on one device.
+inline void check_dense_loss_group_args(at::TensorList preds, at::TensorList targets, at::IntArrayRef kinds,
+                                        const at::Tensor& pos_weights) {
+  const size_t T = preds.size();
+  TORCH_CHECK(T > 0, "dense_loss_group: needs at least one task");
+  TORCH_CHECK(targets.size() == T && kinds.size() == T, "dense_loss_group: preds, targets and kinds must have ",
+              "one entry per task, got ", T, ", ", targets.size(), " and ", kinds.size());
+  TORCH_CHECK(pos_weights.dim() == 1 && pos_weights.size(0) == static_cast<int64_t>(T) &&
+                  pos_weights.scalar_type() == at::kDouble && pos_weights.device() == preds[0].device(),
+              "dense_loss_group: pos_weights must be float64 [", T, "] on the predictions' device");
+  for (size_t t = 0; t < T; ++t) {
+    TORCH_CHECK(preds[t].scalar_type() == preds[0].scalar_type() && preds[t].device() == preds[0].device(),
+                "dense_loss_group: every prediction must share the first's dtype and device");
+    check_dense_loss_args(preds[t], targets[t], kinds[t]);
+  }
+}
+
+// dense_loss_group_backward: one kept gradient per task, grad_sums [T] on their device.
+inline void check_dense_loss_group_backward_args(at::TensorList grads, const at::Tensor& grad_sums) {
+  TORCH_CHECK(grad_sums.dim() == 1 && grad_sums.size(0) == static_cast<int64_t>(grads.size()),
+              "dense_loss_group_backward: grad_sums must be [", grads.size(), "], got ", grad_sums.sizes());
+  for (const at::Tensor& g : grads) {
+    TORCH_CHECK(g.is_non_overlapping_and_dense(), "dense_loss_group_backward: grads must be dense");
+    TORCH_CHECK(g.device() == grad_sums.device(), "dense_loss_group_backward: grads and grad_sums on one device");
+  }
+}
+
 // dense_loss_upsampled: pred [B, C, h, w] in any strides, the target at its own size, contiguous.
 inline void check_dense_loss_upsampled_args(const at::Tensor& pred, const at::Tensor& target, int64_t kind) {
   TORCH_CHECK(pred.dim() == 4, "dense_loss_upsampled: pred must be 4-D [B, C, H, W], got ", pred.sizes());

@@ -26,42 +26,13 @@
 namespace mtl_kernels {
 namespace {
 
-template <typename scalar_t, typename acc_t>
-Partial run_tile(int64_t kind, int64_t tile, const at::Tensor& pred, const at::Tensor& target, at::Tensor& grad,
-                 acc_t w, int64_t invalid) {
-  const scalar_t* x = pred.const_data_ptr<scalar_t>();
-  scalar_t* g = grad.mutable_data_ptr<scalar_t>();
-  if (kind == kL1 || kind == kBalancedBce) {  // flat: pred, target and grad share one dense layout
-    const int64_t begin = tile * kFlatTile, n = std::min(kFlatTile, pred.numel() - begin);
-    const acc_t* t = target.const_data_ptr<acc_t>() + begin;
-    if (kind == kL1) DENSE_LOSS_ISA(l1_tile(x + begin, t, g + begin, n, invalid))
-    DENSE_LOSS_ISA(bce_tile(x + begin, t, g + begin, n, w))
-  }
-  // per pixel: tile -> (image b, first pixel p0); [B, C, H*W] by strides
-  const int64_t P = pred.size(2) * pred.size(3), tiles = (P + kTile - 1) / kTile;
-  const int64_t b = tile / tiles, p0 = (tile % tiles) * kTile, n = std::min(kTile, P - p0);
-  const int64_t sC = pred.stride(1), sP = pred.size(3) > 1 ? pred.stride(3) : pred.stride(2);
-  const int64_t off = b * pred.stride(0) + p0 * sP;
-  if (kind == kCrossEntropy) {
-    const int64_t* t = target.const_data_ptr<int64_t>() + b * P + p0;
-    const int64_t C = pred.size(1);
-    if (sP == 1) DENSE_LOSS_ISA(ce_tile<true, scalar_t, acc_t>(x + off, t, g + off, n, C, sC, sP))
-    DENSE_LOSS_ISA(ce_tile<false, scalar_t, acc_t>(x + off, t, g + off, n, C, sC, sP))
-  }
-  const acc_t* t = target.const_data_ptr<acc_t>() + off;
-  if (sP == 1) DENSE_LOSS_ISA(normals_tile<true, scalar_t, acc_t>(x + off, t, g + off, n, sC, sP, sC))
-  DENSE_LOSS_ISA(normals_tile<false, scalar_t, acc_t>(x + off, t, g + off, n, sC, sP, sC))
-}
-
 std::tuple<at::Tensor, at::Tensor> dense_loss_cpu(const at::Tensor& pred, const at::Tensor& target, int64_t kind,
                                                   const at::Tensor& pos_weight, int64_t invalid,
                                                   bool /*inplace_backward: autograd only*/) {
   check_dense_loss_args(pred, target, kind);
-  const bool flat = kind == kL1 || kind == kBalancedBce;
   at::Tensor grad = at::empty_like(pred);
   prefer_huge_pages(grad);
-  const int64_t P = pred.size(2) * pred.size(3);
-  const int64_t tiles = flat ? (pred.numel() + kFlatTile - 1) / kFlatTile : pred.size(0) * ((P + kTile - 1) / kTile);
+  const int64_t tiles = tiles_of(pred, kind);
   std::vector<Partial> parts(tiles);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "dense_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -90,13 +61,9 @@ void scale_cpu(const at::Tensor& grad, const at::Tensor& grad_sum, at::Tensor& o
   TORCH_CHECK(grad_sum.numel() == 1, "dense_loss_backward: grad_sum must hold one value");
   const double s = grad_sum.item<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "dense_loss_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    const acc_t scale = static_cast<acc_t>(s);
-    at::parallel_for(0, grad.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) o[i] = static_cast<scalar_t>(static_cast<acc_t>(g[i]) * scale);
-    });
+    at::parallel_for(0, grad.numel(), 1 << 16, [&](int64_t begin, int64_t end) { scale_span(g, o, begin, end, s); });
   });
 }
 

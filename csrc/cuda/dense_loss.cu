@@ -3,13 +3,11 @@
 // common/dense_loss.h): the loss sum, its count of terms and of malformed
 // targets, and the gradient of the sum, in one pass over the predictions.
 //
-// One thread per pixel (cross-entropy, normals) or per element (L1, BCE). For
-// NCHW predictions neighbouring threads take neighbouring pixels, so each
-// channel's loads coalesce. Cross-entropy walks a pixel's C logits twice, an
-// online max / sum of exp then the gradient softmax - onehot; the second walk
-// re-reads what the block just read, from L2. Each block reduces its partial
-// sums (warp shuffles, then shared memory) into its own slot of a buffer that
-// at::sum adds: deterministic.
+// One thread per pixel (cross-entropy, normals) or per element (L1, BCE), its
+// item in cuda/dense_loss_terms.cuh. For NCHW predictions neighbouring threads
+// take neighbouring pixels, so each channel's loads coalesce. Each block
+// reduces its partial sums (warp shuffles, then shared memory) into its own
+// slot of a buffer that at::sum adds: deterministic.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -31,11 +29,6 @@ namespace {
 
 constexpr int kThreads = kLossThreads;
 
-struct Pixels {  // [B, C, P] by strides; pixel q = b * P + p
-  int64_t P, sB, sC, sP;
-  __device__ int64_t offset(int64_t q) const { return (q / P) * sB + (q % P) * sP; }
-};
-
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) cross_entropy_kernel(const scalar_t* __restrict x,
                                                                  const int64_t* __restrict target,
@@ -43,19 +36,7 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_kernel(const scalar_t*
                                                                  int64_t pixels, int64_t C, Pixels px) {
   const int64_t q = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   acc_t sum = 0, count = 0, bad = 0;
-  if (q < pixels) {
-    const int64_t label = target[q], off = px.offset(q);
-    const bool valid = label != kIgnoreIndex, in_range = label >= 0 && label < C, ok = valid && in_range;
-    bad = valid && !in_range;
-    acc_t m, s, xt;  // online max and sum of exp, the target's logit
-    ce_softmax_stats([&](int64_t c) { return static_cast<acc_t>(x[off + c * px.sC]); }, C, label, m, s, xt);
-    if (ok) sum = m + log_acc(s) - xt, count = 1;
-    const acc_t inv = ok ? acc_t(1) / s : acc_t(0);  // ignored pixels: gradient exactly 0
-    for (int64_t c = 0; c < C; ++c) {
-      const acc_t v = static_cast<acc_t>(x[off + c * px.sC]);
-      grad[off + c * px.sC] = static_cast<scalar_t>(exp_acc(v - m) * inv - acc_t(ok && c == label));
-    }
-  }
+  if (q < pixels) ce_item(x, target, grad, q, C, px, sum, count, bad);
   block_partial(sum, count, bad, part);
 }
 
@@ -65,18 +46,7 @@ __global__ void __launch_bounds__(kThreads) normals_kernel(const scalar_t* __res
                                                            int64_t pixels, Pixels px) {
   const int64_t q = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   acc_t sum = 0, count = 0, bad = 0;
-  if (q < pixels) {
-    const int64_t off = px.offset(q);
-    acc_t p[3], t[3], g[3];
-    for (int c = 0; c < 3; ++c) {
-      p[c] = static_cast<acc_t>(x[off + c * px.sC]);
-      t[c] = target[off + c * px.sC];
-    }
-    int malformed = 0;
-    count = normals_pixel(p, t, sum, g, malformed);
-    bad = malformed;
-    for (int c = 0; c < 3; ++c) grad[off + c * px.sC] = static_cast<scalar_t>(g[c]);
-  }
+  if (q < pixels) normals_item(x, target, grad, q, px, sum, count, bad);
   block_partial(sum, count, bad, part);
 }
 
@@ -87,12 +57,7 @@ __global__ void __launch_bounds__(kThreads) flat_kernel(const scalar_t* __restri
                                                         const double* __restrict pos_weight, int64_t invalid) {
   const int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   acc_t sum = 0, count = 0, bad = 0;
-  if (i < n) {
-    const acc_t v = static_cast<acc_t>(x[i]), t = target[i];
-    acc_t g;
-    flat_term<kKind>(v, t, static_cast<acc_t>(*pos_weight), invalid, sum, g, count, bad);
-    grad[i] = static_cast<scalar_t>(g);
-  }
+  if (i < n) flat_item<kKind>(x, target, grad, i, static_cast<acc_t>(*pos_weight), invalid, sum, count, bad);
   block_partial(sum, count, bad, part);
 }
 
@@ -105,9 +70,8 @@ std::tuple<at::Tensor, at::Tensor> dense_loss_cuda(const at::Tensor& pred, const
   const auto stream = at::cuda::getCurrentCUDAStream();
   at::Tensor grad = at::empty_like(pred);
   if (pred.numel() == 0) return {at::zeros({3}, pred.options().dtype(at::kDouble)), grad};  // no 0-block launch
-  const int64_t W = pred.size(3), P = pred.size(2) * W;
-  const Pixels px{P, pred.stride(0), pred.stride(1), W > 1 ? pred.stride(3) : pred.stride(2)};
-  const int64_t items = flat ? pred.numel() : pred.size(0) * P;
+  const Pixels px = pixels_of(pred);
+  const int64_t items = flat ? pred.numel() : pred.size(0) * px.P;
   const int64_t blocks = (items + kThreads - 1) / kThreads;
   TORCH_CHECK(blocks <= INT32_MAX, "dense_loss: input too large");
   at::Tensor part = at::empty({blocks, 3}, pred.options().dtype(at::kDouble));

@@ -1,8 +1,11 @@
-// Device pieces shared by the CUDA dense_loss kernels (dense_loss.cu and
-// dense_loss_upsampled.cu): accurate exp/log per accumulation type, the
-// per-block partial (sum, count, malformed), and the cross-entropy, L1 and
-// balanced BCE terms (normals use normals_pixel of common/dense_loss.h).
+// Device pieces shared by the CUDA dense_loss kernels (dense_loss.cu,
+// dense_loss_group.cu and dense_loss_upsampled.cu): accurate exp/log per
+// accumulation type, the per-block partial (sum, count, malformed), the
+// cross-entropy, L1 and balanced BCE terms (normals use normals_pixel of
+// common/dense_loss.h), and the full-size per-thread items built on them.
 #pragma once
+#include <ATen/ATen.h>
+
 #include <cstdint>
 
 #include "common/dense_loss.h"
@@ -68,6 +71,65 @@ __device__ __forceinline__ void flat_term(acc_t v, acc_t t, acc_t w, int64_t inv
     count = 1;
     bad = t != t;
   }
+}
+
+// ---- Full-size predictions (dense_loss.cu, dense_loss_group.cu): one thread's item. Each
+// adds its term, count and malformed flag to sum / count / bad and writes its gradient.
+
+struct Pixels {  // [B, C, P] by strides; pixel q = b * P + p
+  int64_t P, sB, sC, sP;
+  __device__ int64_t offset(int64_t q) const { return (q / P) * sB + (q % P) * sP; }
+};
+
+inline Pixels pixels_of(const at::Tensor& pred) {
+  const int64_t W = pred.size(3);
+  return {pred.size(2) * W, pred.stride(0), pred.stride(1), W > 1 ? pred.stride(3) : pred.stride(2)};
+}
+
+// Cross-entropy of pixel q: its C logits walked twice, an online max / sum of exp, then the
+// gradient softmax - onehot (the second walk re-reads what the block just read, from L2).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void ce_item(const scalar_t* __restrict x, const int64_t* __restrict target,
+                                        scalar_t* __restrict grad, int64_t q, int64_t C, const Pixels& px,
+                                        acc_t& sum, acc_t& count, acc_t& bad) {
+  const int64_t label = target[q], off = px.offset(q);
+  const bool valid = label != kIgnoreIndex, in_range = label >= 0 && label < C, ok = valid && in_range;
+  bad = valid && !in_range;
+  acc_t m, s, xt;  // online max and sum of exp, the target's logit
+  ce_softmax_stats([&](int64_t c) { return static_cast<acc_t>(x[off + c * px.sC]); }, C, label, m, s, xt);
+  if (ok) sum = m + log_acc(s) - xt, count = 1;
+  const acc_t inv = ok ? acc_t(1) / s : acc_t(0);  // ignored pixels: gradient exactly 0
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t v = static_cast<acc_t>(x[off + c * px.sC]);
+    grad[off + c * px.sC] = static_cast<scalar_t>(exp_acc(v - m) * inv - acc_t(ok && c == label));
+  }
+}
+
+// Normals L1 of pixel q (3 channels).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void normals_item(const scalar_t* __restrict x, const acc_t* __restrict target,
+                                             scalar_t* __restrict grad, int64_t q, const Pixels& px, acc_t& sum,
+                                             acc_t& count, acc_t& bad) {
+  const int64_t off = px.offset(q);
+  acc_t p[3], t[3], g[3];
+  for (int c = 0; c < 3; ++c) {
+    p[c] = static_cast<acc_t>(x[off + c * px.sC]);
+    t[c] = target[off + c * px.sC];
+  }
+  int malformed = 0;
+  count = normals_pixel(p, t, sum, g, malformed);
+  bad = malformed;
+  for (int c = 0; c < 3; ++c) grad[off + c * px.sC] = static_cast<scalar_t>(g[c]);
+}
+
+// L1 (kKind == kL1) or balanced BCE of element i; x, target and grad share one dense layout.
+template <int64_t kKind, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void flat_item(const scalar_t* __restrict x, const acc_t* __restrict target,
+                                          scalar_t* __restrict grad, int64_t i, acc_t w, int64_t invalid, acc_t& sum,
+                                          acc_t& count, acc_t& bad) {
+  acc_t g;
+  flat_term<kKind>(static_cast<acc_t>(x[i]), target[i], w, invalid, sum, g, count, bad);
+  grad[i] = static_cast<scalar_t>(g);
 }
 
 }  // namespace mtl_kernels

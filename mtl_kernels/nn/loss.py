@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .. import _backend
-from ..ops.dense_loss import IMPLEMENTED, check_args, dense_loss_stats, raise_if_malformed
+from ..ops.dense_loss import IMPLEMENTED, check_args, dense_loss_group_stats, dense_loss_stats, raise_if_malformed
 from ..reference.dense_loss import INVALID, acc_dtype
 
 # The survey's task kinds: which loss each one uses, and its balanced-BCE positive weight
@@ -41,6 +41,9 @@ class DenseMultiTaskLoss(nn.Module):
         checked together, one host synchronisation per call on a GPU.
     inplace_backward: backward scales each task's kept gradient in place (one prediction-sized
         tensor less at the peak); the graph through the loss can then be backpropagated only once.
+    group_tasks: on the fused backends, the tasks whose predictions are full size and share a
+        dtype run as one launch of dense_loss_group, and their backward as one more; False runs
+        one launch per task (the same results).
 
     forward(preds, targets) -> (total, {task: loss}); preds[t] [B, C, H, W]; targets[t] as in
     mtl_kernels.ops.dense_loss (semseg / human_parts: [B, H, W] or [B, 1, H, W] class indices).
@@ -57,6 +60,7 @@ class DenseMultiTaskLoss(nn.Module):
         edge_pos_weight: float = 0.95,
         check_targets: bool = True,
         inplace_backward: bool = False,
+        group_tasks: bool = True,
         backend: str | None = None,
     ):
         super().__init__()
@@ -81,6 +85,7 @@ class DenseMultiTaskLoss(nn.Module):
         self.tasks = list(task_kinds)
         self.upsample, self.depth_invalid, self.edge_pos_weight = upsample, depth_invalid, edge_pos_weight
         self.check_targets, self.inplace_backward, self.backend = check_targets, inplace_backward, backend
+        self.group_tasks = group_tasks
         self._weight_vectors: dict[tuple, torch.Tensor] = {}  # see _weight_vector
         if isinstance(weights, nn.Module):
             self.balancer, self.weights = weights, None
@@ -119,7 +124,7 @@ class DenseMultiTaskLoss(nn.Module):
         unknown = [t for t in preds if t not in self.tasks]
         if unknown:
             raise KeyError(f"DenseMultiTaskLoss: predictions for unknown tasks {unknown}; tasks are {self.tasks}")
-        stats, infos = [], []
+        infos, args = [], []
         for task in self.tasks:
             kind, pos_weight = TASK_KINDS[self.task_kinds[task]]
             if self.task_kinds[task] == "edge":
@@ -131,16 +136,15 @@ class DenseMultiTaskLoss(nn.Module):
             except (TypeError, ValueError) as e:
                 raise type(e)(f"DenseMultiTaskLoss, task {task!r}: {e}") from None
             backend = _backend.resolve(self.backend, pred.device, "dense_loss", IMPLEMENTED)
-            stats.append(
-                dense_loss_stats(pred, target, kind, pos_weight, self.depth_invalid, backend, self.inplace_backward)
-            )
+            args.append((pred, target, kind, pos_weight, backend))
             infos.append((task, kind, pred.shape[1], acc_dtype(pred.dtype)))
+        stats = self._task_stats(args)
         # Every task's loss from one [T, 3] stack of (sum, count, malformed): a few ops for all
         # the tasks rather than a few per task (on a GPU each op is a launch). The counts take no
         # gradient. Tasks on different devices or of different accumulation types go one by one.
         dtypes = {dtype for *_, dtype in infos}
-        if len(dtypes) == 1 and len({s.device for s in stats}) == 1:
-            S = torch.stack(stats)
+        if isinstance(stats, torch.Tensor) or (len(dtypes) == 1 and len({s.device for s in stats}) == 1):
+            S = stats if isinstance(stats, torch.Tensor) else torch.stack(stats)
             means = (S[:, 0] / S[:, 1].detach().clamp(min=1)).to(dtypes.pop())
             losses = dict(zip(self.tasks, means.unbind(0)))
             bad = S[:, 2].detach()
@@ -157,6 +161,35 @@ class DenseMultiTaskLoss(nn.Module):
         else:
             total = sum(self.weights[t] * losses[t] for t in self.tasks)
         return total, losses
+
+    def _task_stats(self, args) -> list[torch.Tensor] | torch.Tensor:
+        """Each task's [3] stats (dense_loss_stats); as one [T, 3] tensor when one launch made them all.
+
+        On the fused backends, the tasks whose predictions are full size and share a dtype and a
+        device go through dense_loss_group: one launch for all of them (and one for their backward)
+        where each task alone takes one of each."""
+        groups: dict[tuple, list[int]] = {}
+        for i, (pred, target, _, _, backend) in enumerate(args):
+            if self.group_tasks and backend != "reference" and pred.shape[-2:] == target.shape[-2:]:
+                groups.setdefault((backend, pred.device, pred.dtype), []).append(i)
+        stats: list = [None] * len(args)
+        for (backend, *_), members in groups.items():
+            if len(members) < 2:
+                continue
+            pred, target, kind, pos_weight, _ = zip(*(args[i] for i in members))
+            S = dense_loss_group_stats(
+                pred, target, kind, pos_weight, self.depth_invalid, backend, self.inplace_backward
+            )
+            if len(members) == len(args):
+                return S
+            for i, row in zip(members, S.unbind(0)):
+                stats[i] = row
+        for i, (pred, target, kind, pos_weight, backend) in enumerate(args):
+            if stats[i] is None:
+                stats[i] = dense_loss_stats(
+                    pred, target, kind, pos_weight, self.depth_invalid, backend, self.inplace_backward
+                )
+        return stats
 
     def _weight_vector(self, like: torch.Tensor) -> torch.Tensor:
         """The fixed weights as a [T] tensor on like's device, made once per device, dtype and

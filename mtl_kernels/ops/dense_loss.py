@@ -89,8 +89,8 @@ def dense_loss_stats(pred, target, kind, pos_weight, invalid, backend, inplace_b
     resize = pred.shape[-2:] != target.shape[-2:]
     if resize and backend == "triton" and pred.is_cuda:  # the CUDA op alerts by itself
         _alert_not_deterministic("dense_loss_upsampled_triton")
-    if pos_weight is None and kind == "balanced_bce":  # the batch's share of negatives, on the device
-        pos_weight = 1.0 - (target >= 0.5).sum(dtype=torch.float64) / target.numel()
+    if pos_weight is None and kind == "balanced_bce":  # sal
+        pos_weight = _share_of_negatives(target)
     else:
         # torch.full fills on the device (the value a kernel argument); torch.tensor would copy
         # from the host, and that copy waits for the GPU: a synchronisation per loss.
@@ -102,6 +102,47 @@ def dense_loss_stats(pred, target, kind, pos_weight, invalid, backend, inplace_b
         op = ops.dense_loss_upsampled if resize else ops.dense_loss
     stats, _ = op(pred, target, _KIND_CODE[kind], pos_weight, _INVALID_CODE[invalid], inplace_backward)
     return stats
+
+
+def dense_loss_group_stats(preds, targets, kinds, pos_weights, invalid, backend, inplace_backward=False):
+    """[T, 3] float64: dense_loss_stats of T tasks (checked, prepared, full-size predictions of one
+    dtype on one device; kinds and pos_weights as dense_loss_stats takes them) in one launch of
+    dense_loss_group (cpu, cuda) or dense_loss_group_triton, and the backward in one more."""
+    if backend not in ("cpu", "cuda", "triton"):
+        raise ValueError(f"dense_loss_group_stats: backend must be 'cpu', 'cuda' or 'triton', got {backend!r}")
+    device = preds[0].device
+    # sal's weights (the batch's share of negatives) come from the device; the fixed ones from a
+    # cached vector, or filled on the device beside sal's.
+    weights = [
+        _share_of_negatives(t) if w is None and k == "balanced_bce" else 0.0 if w is None else float(w)
+        for t, k, w in zip(targets, kinds, pos_weights)
+    ]
+    if all(isinstance(w, float) for w in weights):
+        weights = _fixed_vector(tuple(weights), device)
+    else:
+        fill = lambda w: torch.full((), w, dtype=torch.float64, device=device)  # noqa: E731
+        weights = torch.stack([w if isinstance(w, torch.Tensor) else fill(w) for w in weights])
+    codes = [_KIND_CODE[kind] for kind in kinds]
+    ops = torch.ops.mtl_kernels
+    op = ops.dense_loss_group_triton if backend == "triton" else ops.dense_loss_group
+    stats, _ = op(list(preds), list(targets), codes, weights, _INVALID_CODE[invalid], inplace_backward)
+    return stats
+
+
+def _share_of_negatives(target: torch.Tensor) -> torch.Tensor:
+    """sal's balanced-BCE weight, a 0-dim float64 computed on the device (no host read-back)."""
+    return 1.0 - (target >= 0.5).sum(dtype=torch.float64) / target.numel()
+
+
+_fixed_vectors: dict[tuple, torch.Tensor] = {}
+
+
+def _fixed_vector(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    # Made once per device and values: a copy from the host at every call would wait for the GPU.
+    key = (values, device)
+    if key not in _fixed_vectors:
+        _fixed_vectors[key] = torch.tensor(values, dtype=torch.float64, device=device)
+    return _fixed_vectors[key]
 
 
 def _reference_sums(pred, target, kind, pos_weight, invalid):
@@ -240,7 +281,47 @@ def _register(name: str, scale, scale_) -> None:
     torch.library.register_autograd(f"mtl_kernels::{name}", _backward_with(scale, scale_), setup_context=_setup_context)
 
 
+def _group_fake(preds, targets, kinds, pos_weights, invalid, inplace_backward):
+    return preds[0].new_empty((len(preds), 3), dtype=torch.float64), [torch.empty_like(p) for p in preds]
+
+
+def _group_setup_context(ctx, inputs, output):
+    ctx.inplace = inputs[5]
+    ctx.save_for_backward(*output[1])
+    ctx.mark_non_differentiable(*output[1])  # as _setup_context: kept only to be saved
+    ctx.set_materialize_grads(False)
+
+
+def _group_backward_with(scale, scale_):
+    def backward(ctx, grad_stats, _grad_grads):
+        grads = list(ctx.saved_tensors)
+        none = [None] * len(grads)  # the targets' (a list input takes a list)
+        if grad_stats is None:  # no task's loss took part in what is differentiated
+            return none, none, None, None, None, None
+        if ctx.inplace:
+            scale_(grads, grad_stats[:, 0])
+            for g in grads:
+                torch.autograd.graph.increment_version(g)  # see _backward_with
+        else:
+            grads = scale(grads, grad_stats[:, 0])
+        return grads, none, None, None, None, None
+
+    return backward
+
+
 if _backend.compiled_error() is None:
+    torch.library.register_fake("mtl_kernels::dense_loss_group")(_group_fake)
+    torch.library.register_fake("mtl_kernels::dense_loss_group_backward")(
+        lambda grads, grad_sums: [torch.empty_like(g) for g in grads]
+    )
+    torch.library.register_fake("mtl_kernels::dense_loss_group_backward_")(lambda grads, grad_sums: None)
+    torch.library.register_autograd(
+        "mtl_kernels::dense_loss_group",
+        _group_backward_with(
+            torch.ops.mtl_kernels.dense_loss_group_backward, torch.ops.mtl_kernels.dense_loss_group_backward_
+        ),
+        setup_context=_group_setup_context,
+    )
     torch.library.register_fake("mtl_kernels::dense_loss_backward")(lambda grad, grad_sum: torch.empty_like(grad))
     torch.library.register_fake("mtl_kernels::dense_loss_backward_")(lambda grad, grad_sum: None)
     for _name in ("dense_loss", "dense_loss_upsampled"):
@@ -248,7 +329,17 @@ if _backend.compiled_error() is None:
 if "triton" in _backend.available_backends():
     # The triton ops (importing them defines them), their backward scaling included.
     from ..triton import dense_loss as _triton_dense_loss  # noqa: F401
+    from ..triton import dense_loss_group as _triton_dense_loss_group  # noqa: F401
     from ..triton import dense_loss_upsampled as _triton_dense_loss_upsampled  # noqa: F401
+
+    torch.library.register_autograd(
+        "mtl_kernels::dense_loss_group_triton",
+        _group_backward_with(
+            torch.ops.mtl_kernels.dense_loss_group_backward_triton,
+            torch.ops.mtl_kernels.dense_loss_group_backward_triton_,
+        ),
+        setup_context=_group_setup_context,
+    )
 
     for _name in ("dense_loss_triton", "dense_loss_upsampled_triton"):
         _register(

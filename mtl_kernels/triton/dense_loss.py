@@ -53,13 +53,11 @@ def _ce_grad(x, c, label, ok, m, inv):
 
 
 @triton.jit
-def _ce_kernel(
-    x_ptr, t_ptr, g_ptr, part_ptr, C, P, sB, sC, sP,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr,
+def _ce_tile(
+    x_ptr, t_ptr, g_ptr, b, tile, C, P, sB, sC, sP,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    tile, b = tl.program_id(0), tl.program_id(1)
-    if INT64:
-        b = b.to(tl.int64)
+    """Cross-entropy of BLOCK_P pixels of image b: (loss sum, count, malformed); gradient stored."""
     p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = p < P
     label = tl.load(t_ptr + b * P + p, mask=p_mask, other=_IGNORE)
@@ -86,17 +84,24 @@ def _ce_kernel(
         x = tl.load(x_ptr + base + c[:, None] * sC, mask=mask, other=0.0).to(ACC)
         g = _ce_grad(x, c, label, ok, m, inv)
         tl.store(g_ptr + base + c[:, None] * sC, g.to(g_ptr.dtype.element_ty), mask=mask)
-    _store_partial(part_ptr, b * tl.num_programs(0) + tile, total, tl.sum(ok.to(tl.int32)), bad)
+    return total, tl.sum(ok.to(tl.int32)), bad
 
 
 @triton.jit
-def _normals_kernel(
-    x_ptr, t_ptr, g_ptr, part_ptr, P, sB, sC, sP,
-    BLOCK: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr,
+def _ce_kernel(
+    x_ptr, t_ptr, g_ptr, part_ptr, C, P, sB, sC, sP,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr,
 ):  # fmt: skip
     tile, b = tl.program_id(0), tl.program_id(1)
     if INT64:
         b = b.to(tl.int64)
+    total, count, bad = _ce_tile(x_ptr, t_ptr, g_ptr, b, tile, C, P, sB, sC, sP, BLOCK_P, BLOCK_C, ACC)
+    _store_partial(part_ptr, b * tl.num_programs(0) + tile, total, count, bad)
+
+
+@triton.jit
+def _normals_tile(x_ptr, t_ptr, g_ptr, b, tile, P, sB, sC, sP, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """Normals L1 of BLOCK pixels of image b: (loss sum, count, malformed); gradient stored."""
     p = tile * BLOCK + tl.arange(0, BLOCK)
     mask = p < P
     off = b * sB + p * sP
@@ -109,6 +114,18 @@ def _normals_kernel(
     tl.store(g_ptr + off, d0.to(ty), mask=mask)
     tl.store(g_ptr + off + sC, d1.to(ty), mask=mask)
     tl.store(g_ptr + off + 2 * sC, d2.to(ty), mask=mask)
+    return total, count, bad
+
+
+@triton.jit
+def _normals_kernel(
+    x_ptr, t_ptr, g_ptr, part_ptr, P, sB, sC, sP,
+    BLOCK: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr,
+):  # fmt: skip
+    tile, b = tl.program_id(0), tl.program_id(1)
+    if INT64:
+        b = b.to(tl.int64)
+    total, count, bad = _normals_tile(x_ptr, t_ptr, g_ptr, b, tile, P, sB, sC, sP, BLOCK, ACC)
     _store_partial(part_ptr, b * tl.num_programs(0) + tile, total, count, bad)
 
 
@@ -172,19 +189,29 @@ def _flat_terms(x, t, w_ptr, mask, KIND: tl.constexpr, INVALID: tl.constexpr, BL
 
 
 @triton.jit
-def _flat_kernel(
-    x_ptr, t_ptr, g_ptr, part_ptr, w_ptr, N,
-    KIND: tl.constexpr, INVALID: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr,
+def _flat_tile(
+    x_ptr, t_ptr, g_ptr, w_ptr, start, N,
+    KIND: tl.constexpr, INVALID: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    start = pid.to(tl.int64) * BLOCK if INT64 else pid * BLOCK
+    """L1 or balanced BCE of BLOCK elements from start: (loss sum, count, malformed); gradient stored."""
     i = start + tl.arange(0, BLOCK)
     mask = i < N
     x = tl.load(x_ptr + i, mask=mask, other=0.0).to(ACC)
     t = tl.load(t_ptr + i, mask=mask, other=0.0)
     loss, g, count, bad = _flat_terms(x, t, w_ptr, mask, KIND, INVALID, BLOCK, ACC)
     tl.store(g_ptr + i, g.to(g_ptr.dtype.element_ty), mask=mask)
-    _store_partial(part_ptr, pid, tl.sum(loss), tl.sum(count), tl.sum(bad))
+    return tl.sum(loss), tl.sum(count), tl.sum(bad)
+
+
+@triton.jit
+def _flat_kernel(
+    x_ptr, t_ptr, g_ptr, part_ptr, w_ptr, N,
+    KIND: tl.constexpr, INVALID: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    start = pid.to(tl.int64) * BLOCK if INT64 else pid * BLOCK
+    total, count, bad = _flat_tile(x_ptr, t_ptr, g_ptr, w_ptr, start, N, KIND, INVALID, BLOCK, ACC)
+    _store_partial(part_ptr, pid, total, count, bad)
 
 
 @torch.library.custom_op("mtl_kernels::dense_loss_triton", mutates_args=())
@@ -229,12 +256,17 @@ def dense_loss_triton(
 # with grad_sum read on the device: torch.mul would first round a CUDA 0-dim tensor to grad's
 # dtype, and 1/count is below half precision's normal range for any count over 16384.
 @triton.jit
-def _scale_kernel(g_ptr, o_ptr, s_ptr, N, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _scale_tile(g_ptr, o_ptr, s_ptr, start, N, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    i = start + tl.arange(0, BLOCK)
     mask = i < N
     s = tl.load(s_ptr).to(ACC)
     g = tl.load(g_ptr + i, mask=mask, other=0.0).to(ACC)
     tl.store(o_ptr + i, (g * s).to(o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_kernel(g_ptr, o_ptr, s_ptr, N, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    _scale_tile(g_ptr, o_ptr, s_ptr, tl.program_id(0).to(tl.int64) * BLOCK, N, BLOCK, ACC)
 
 
 def _scale(grad: torch.Tensor, grad_sum: torch.Tensor, out: torch.Tensor) -> None:
