@@ -77,10 +77,12 @@ TORCH_LIBRARY(mtl_kernels, m) {
   m.def("dense_loss_backward_(Tensor(a!) grad, Tensor grad_sum) -> ()");
   // dense_loss of T tasks in one launch (one parallel region on the CPU): task t as
   // dense_loss(preds[t], targets[t], kinds[t], pos_weights[t], invalid), all predictions of
-  // one dtype on one device, pos_weights float64 [T]. Returns (stats [T, 3], grads).
+  // one dtype on one device, pos_weights float64 [T]. Returns (stats, grads), one [3] stats
+  // tensor per task: separate outputs, so that autograd passes a task no gradient when a loss
+  // does not reach it (a gradient-level balancer's per-task passes) and leaves its head alone.
   m.def(
       "dense_loss_group(Tensor[] preds, Tensor[] targets, int[] kinds, Tensor pos_weights, int invalid,"
-      " bool inplace_backward) -> (Tensor, Tensor[])");
+      " bool inplace_backward) -> (Tensor[], Tensor[])");
   // Its backward in one launch: grad_preds[t] = grads[t] * grad_sums[t], as dense_loss_backward.
   m.def("dense_loss_group_backward(Tensor[] grads, Tensor grad_sums) -> Tensor[]");
   m.def("dense_loss_group_backward_(Tensor(a!)[] grads, Tensor grad_sums) -> ()");

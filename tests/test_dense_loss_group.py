@@ -45,7 +45,7 @@ def make_task(kind, pos_weight, C, shape, dtype, device, layout):
 def group_and_each(tasks, backend):
     """(stats, grads) of the group and of dense_loss task by task, for one random weighting."""
     preds, targets, kinds, weights = zip(*tasks)
-    group = dense_loss_group_stats(preds, targets, kinds, weights, "255", backend)
+    group = torch.stack(dense_loss_group_stats(preds, targets, kinds, weights, "255", backend))
     each = torch.stack([dense_loss_stats(*t, "255", backend) for t in tasks])
     w = torch.randn(len(tasks), dtype=torch.float64, device=preds[0].device)
     return (
@@ -61,7 +61,7 @@ def test_group_equals_each_task(device, backend, dtype, layout):
     torch.manual_seed(0)
     tasks = [make_task(k, w, C, (2, 9, 13), dtype, device, layout) for k, w, C in TASKS]
     (stats, grads), (want_stats, want_grads) = group_and_each(tasks, backend)
-    assert stats.shape == (len(TASKS), 3) and stats.dtype == torch.float64
+    assert stats.shape == (len(TASKS), 3) and stats.dtype == torch.float64  # one [3] tensor per task
     if backend == "cpu":  # the same tiles, added in the same order
         assert torch.equal(stats, want_stats)
     else:  # the blocks' partials added in another order
@@ -85,7 +85,7 @@ def test_group_matches_reference(device, backend):
     torch.manual_seed(1)
     tasks = [make_task(k, w, C, (2, 6, 7), torch.float64, device, "contiguous") for k, w, C in TASKS]
     preds, targets, kinds, weights = zip(*tasks)
-    stats = dense_loss_group_stats(preds, targets, kinds, weights, "255", backend)
+    stats = torch.stack(dense_loss_group_stats(preds, targets, kinds, weights, "255", backend))
     means = stats[:, 0] / stats[:, 1]
     for i, (pred, target, kind, w) in enumerate(tasks):
         want = mk.ops.dense_loss(pred, target, kind, pos_weight=w, backend="reference")
@@ -118,7 +118,7 @@ def test_group_gradcheck(device, backend):
     preds, targets, kinds, weights = zip(*tasks)
 
     def f(*p):
-        return dense_loss_group_stats(p, targets, kinds, weights, "255", backend)[:, 0]
+        return torch.stack(dense_loss_group_stats(p, targets, kinds, weights, "255", backend))[:, 0]
 
     # Away from the kinks of |x| (L1 terms at the target) the loss is smooth.
     assert torch.autograd.gradcheck(f, preds)
@@ -130,9 +130,9 @@ def test_group_inplace_backward(device, backend):
     tasks = [make_task(k, w, C, (2, 5, 6), torch.float32, device, "channels_last") for k, w, C in TASKS]
     preds, targets, kinds, weights = zip(*tasks)
     want = torch.autograd.grad(
-        dense_loss_group_stats(preds, targets, kinds, weights, "255", backend)[:, 0].sum(), preds
+        torch.stack(dense_loss_group_stats(preds, targets, kinds, weights, "255", backend))[:, 0].sum(), preds
     )
-    stats = dense_loss_group_stats(preds, targets, kinds, weights, "255", backend, inplace_backward=True)
+    stats = torch.stack(dense_loss_group_stats(preds, targets, kinds, weights, "255", backend, inplace_backward=True))
     got = torch.autograd.grad(stats[:, 0].sum(), preds, retain_graph=True)
     for g, w in zip(got, want):
         assert_same_terms(g, w, backend)
@@ -268,3 +268,31 @@ def test_module_takes_one_launch_for_its_tasks(backend, case, launches):
         torch.testing.assert_close(parts[t], want_parts[t], rtol=1e-5, atol=1e-6)
     for g, want in zip(grads, torch.autograd.grad(want_total, list(preds.values()))):
         torch.testing.assert_close(g.to(want.dtype), want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+@pytest.mark.parametrize("group_tasks", [True, False])
+def test_one_task_loss_reaches_only_its_own_prediction(backend, group_tasks):
+    """A gradient-level balancer differentiates each task's loss on its own: the other tasks'
+    predictions (and so their heads) must get no gradient at all, not a zero one that autograd
+    would still push back through their heads. The total reaches all of them."""
+    torch.manual_seed(7)
+    leaves, targets = nyud_batch()
+    shared = torch.ones((), requires_grad=True)  # a trunk every head depends on, as a balancer's shared part
+    preds = {t: p.detach() * shared for t, p in leaves.items()}
+    loss = mk.nn.DenseMultiTaskLoss(list(NYUD), group_tasks=group_tasks, backend=backend)
+    reached = []
+    for task, pred in preds.items():  # (autograd calls a hook with None where no gradient came)
+        pred.register_hook(lambda g, task=task: reached.append(task) if g is not None else None)
+    total, losses = loss(preds, targets)
+    for task in NYUD:
+        reached.clear()
+        (g,) = torch.autograd.grad(losses[task], shared, retain_graph=True)
+        assert reached == [task]
+        pred = leaves[task].detach().requires_grad_()
+        want = mk.ops.dense_loss(pred, targets[task], NYUD[task][0], pos_weight=0.95, backend="reference")
+        (want_g,) = torch.autograd.grad(want, pred)
+        torch.testing.assert_close(g, (want_g * leaves[task]).sum(), rtol=1e-5, atol=1e-6)
+    reached.clear()
+    torch.autograd.grad(total, shared)
+    assert sorted(reached) == sorted(NYUD)

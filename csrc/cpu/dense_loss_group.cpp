@@ -42,7 +42,7 @@ std::pair<int64_t, int64_t> chunk_items(const std::vector<int64_t>& work, int64_
   return {at(k), k + 1 == chunks ? static_cast<int64_t>(work.size()) - 1 : at(k + 1)};
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>> dense_loss_group_cpu(at::TensorList preds, at::TensorList targets,
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> dense_loss_group_cpu(at::TensorList preds, at::TensorList targets,
                                                                      at::IntArrayRef kinds,
                                                                      const at::Tensor& pos_weights, int64_t invalid,
                                                                      bool /*inplace_backward: autograd only*/) {
@@ -79,12 +79,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dense_loss_group_cpu(at::TensorL
       }
     });
   });
-  at::Tensor stats = at::empty({T, 3}, preds[0].options().dtype(at::kDouble));
-  double* s = stats.mutable_data_ptr<double>();
+  std::vector<at::Tensor> stats;
   for (int64_t t = 0; t < T; ++t) {
     double sum = 0, count = 0, bad = 0;  // in tile order, as dense_loss adds them
     for (int64_t i = first_tile[t]; i < first_tile[t + 1]; ++i) sum += parts[i].sum, count += parts[i].count, bad += parts[i].bad;
-    s[3 * t] = sum, s[3 * t + 1] = count, s[3 * t + 2] = bad;
+    stats.push_back(at::empty({3}, preds[0].options().dtype(at::kDouble)));
+    double* s = stats.back().mutable_data_ptr<double>();
+    s[0] = sum, s[1] = count, s[2] = bad;
   }
   return {stats, grads};
 }

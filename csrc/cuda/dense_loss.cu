@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_kernel(const scalar_t*
   const int64_t q = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   acc_t sum = 0, count = 0, bad = 0;
   if (q < pixels) ce_item(x, target, grad, q, C, px, sum, count, bad);
-  block_partial(sum, count, bad, part);
+  block_partial(sum, count, bad, part + int64_t(blockIdx.x) * 3);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -47,7 +47,7 @@ __global__ void __launch_bounds__(kThreads) normals_kernel(const scalar_t* __res
   const int64_t q = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   acc_t sum = 0, count = 0, bad = 0;
   if (q < pixels) normals_item(x, target, grad, q, px, sum, count, bad);
-  block_partial(sum, count, bad, part);
+  block_partial(sum, count, bad, part + int64_t(blockIdx.x) * 3);
 }
 
 // L1 (kKind == kL1) or balanced BCE over n elements laid out alike in x, target and grad.
@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(kThreads) flat_kernel(const scalar_t* __restri
   const int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   acc_t sum = 0, count = 0, bad = 0;
   if (i < n) flat_item<kKind>(x, target, grad, i, static_cast<acc_t>(*pos_weight), invalid, sum, count, bad);
-  block_partial(sum, count, bad, part);
+  block_partial(sum, count, bad, part + int64_t(blockIdx.x) * 3);
 }
 
 std::tuple<at::Tensor, at::Tensor> dense_loss_cuda(const at::Tensor& pred, const at::Tensor& target, int64_t kind,

@@ -31,13 +31,14 @@ namespace mtl_kernels {
 namespace {
 
 constexpr int kThreads = kLossThreads;
-constexpr int kMaxTasks = 16;  // 16 tasks of 120 bytes: well inside the 4 KB of kernel arguments
+constexpr int kMaxTasks = 16;  // 16 tasks of 104 bytes: well inside the 4 KB of kernel arguments
 
 struct LossTask {
   const void* x;
   const void* target;
   void* grad;
   const double* pos_weight;
+  double* stats;  // the task's (sum, count, malformed)
   int64_t kind, items, C, first_block;
   Pixels px;
 };
@@ -75,21 +76,20 @@ __global__ void __launch_bounds__(kThreads) group_loss_kernel(const LossTasks ta
         flat_item<kBalancedBce>(x, t, g, i, static_cast<acc_t>(*task.pos_weight), tasks.invalid, sum, count, bad);
     }
   }
-  block_partial(sum, count, bad, part);
+  block_partial(sum, count, bad, part + int64_t(blockIdx.x) * 3);
 }
 
 // Block t adds task t's partials, strided over its threads then reduced as a block: the same
-// order every run. Writes stats[t] = (sum, count, malformed).
-__global__ void __launch_bounds__(kThreads) task_sums_kernel(const LossTasks tasks, const double* __restrict part,
-                                                             double* __restrict stats) {
+// order every run. Writes task t's stats = (sum, count, malformed).
+__global__ void __launch_bounds__(kThreads) task_sums_kernel(const LossTasks tasks, const double* __restrict part) {
   const int t = blockIdx.x;
   double v[3] = {0, 0, 0};
   for (int64_t b = tasks.task[t].first_block + threadIdx.x; b < tasks.end_block(t); b += kThreads)
     for (int k = 0; k < 3; ++k) v[k] += part[b * 3 + k];
-  block_partial(v[0], v[1], v[2], stats);
+  block_partial(v[0], v[1], v[2], tasks.task[t].stats);
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>> dense_loss_group_cuda(at::TensorList preds, at::TensorList targets,
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> dense_loss_group_cuda(at::TensorList preds, at::TensorList targets,
                                                                       at::IntArrayRef kinds,
                                                                       const at::Tensor& pos_weights, int64_t invalid,
                                                                       bool /*inplace_backward: autograd only*/) {
@@ -97,9 +97,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dense_loss_group_cuda(at::Tensor
   const int64_t T = static_cast<int64_t>(preds.size());
   const at::cuda::OptionalCUDAGuard guard(preds[0].device());
   const auto stream = at::cuda::getCurrentCUDAStream();
-  std::vector<at::Tensor> grads;
-  for (const at::Tensor& p : preds) grads.push_back(at::empty_like(p));
-  at::Tensor stats = at::empty({T, 3}, preds[0].options().dtype(at::kDouble));
+  std::vector<at::Tensor> grads, stats;
+  for (const at::Tensor& p : preds) {
+    grads.push_back(at::empty_like(p));
+    stats.push_back(at::empty({3}, p.options().dtype(at::kDouble)));
+  }
   const at::Tensor w = pos_weights.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, preds[0].scalar_type(), "dense_loss_group_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -118,21 +120,21 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> dense_loss_group_cuda(at::Tensor
         const int64_t items = flat ? pred.numel() : pred.size(0) * px.P;
         group.task[group.tasks++] = LossTask{pred.const_data_ptr(), targets[t].const_data_ptr(),
                                              grads[t].mutable_data_ptr(), w.const_data_ptr<double>() + t,
-                                             kind, items, pred.size(1), blocks, px};
+                                             stats[t].mutable_data_ptr<double>(), kind, items, pred.size(1), blocks,
+                                             px};
         blocks += (items + kThreads - 1) / kThreads;
       }
       group.blocks = blocks;
       TORCH_CHECK(blocks <= INT32_MAX, "dense_loss_group: input too large");
       if (blocks == 0) {  // empty predictions: no 0-block launch
-        stats.narrow(0, t0, group.tasks).zero_();
+        for (int64_t t = t0; t < t0 + group.tasks; ++t) stats[t].zero_();
         continue;
       }
-      at::Tensor part = at::empty({blocks, 3}, stats.options());
+      at::Tensor part = at::empty({blocks, 3}, preds[0].options().dtype(at::kDouble));
       group_loss_kernel<scalar_t, acc_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
           group, part.mutable_data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      task_sums_kernel<<<group.tasks, kThreads, 0, stream>>>(group, part.const_data_ptr<double>(),
-                                                             stats.mutable_data_ptr<double>() + t0 * 3);
+      task_sums_kernel<<<group.tasks, kThreads, 0, stream>>>(group, part.const_data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

@@ -21,7 +21,7 @@ __device__ __forceinline__ double log_acc(double x) { return log(x); }
 __device__ __forceinline__ float log1p_acc(float x) { return log1pf(x); }
 __device__ __forceinline__ double log1p_acc(double x) { return log1p(x); }
 
-// The block's (sum, count, bad) into out[blockIdx.x * 3 ..]; every thread calls it.
+// The block's (sum, count, bad) into out[0 .. 2]; every thread calls it.
 template <typename acc_t>
 __device__ void block_partial(acc_t sum, acc_t count, acc_t bad, double* __restrict out) {
   __shared__ double smem[3][kLossThreads / 32];
@@ -35,7 +35,7 @@ __device__ void block_partial(acc_t sum, acc_t count, acc_t bad, double* __restr
   if (threadIdx.x < 3) {
     double total = 0;
     for (int w = 0; w < kLossThreads / 32; ++w) total += smem[threadIdx.x][w];
-    out[int64_t(blockIdx.x) * 3 + threadIdx.x] = total;
+    out[threadIdx.x] = total;
   }
 }
 

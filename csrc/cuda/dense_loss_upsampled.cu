@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_kernel(const scalar_t*
         taps.scatter(gb + c * geo.sC, exp_acc(taps.lerp(xb + c * geo.sC) - m) * inv - acc_t(c == label));
     }
   }
-  block_partial(sum, count, bad, part);
+  block_partial(sum, count, bad, part + int64_t(blockIdx.x) * 3);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -119,7 +119,7 @@ __global__ void __launch_bounds__(kThreads) normals_kernel(const scalar_t* __res
     bad = malformed;
     for (int c = 0; c < 3; ++c) taps.scatter(grad + b * geo.sB + c * geo.sC, g[c]);
   }
-  block_partial(sum, count, bad, part);
+  block_partial(sum, count, bad, part + int64_t(blockIdx.x) * 3);
 }
 
 // L1 (kKind == kL1) or balanced BCE; element i of the contiguous target [B, C, Ho, Wo].
@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kThreads) flat_kernel(const scalar_t* __restri
     flat_term<kKind>(taps.lerp(x + plane), target[i], static_cast<acc_t>(*pos_weight), invalid, sum, g, count, bad);
     if (g != acc_t(0)) taps.scatter(grad + plane, g);  // L1 holes add nothing
   }
-  block_partial(sum, count, bad, part);
+  block_partial(sum, count, bad, part + int64_t(blockIdx.x) * 3);
 }
 
 std::tuple<at::Tensor, at::Tensor> dense_loss_upsampled_cuda(const at::Tensor& pred, const at::Tensor& target,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import _backend
@@ -21,6 +22,47 @@ TASK_KINDS = {
     "edge": ("balanced_bce", 0.95),
     "sal": ("balanced_bce", None),
 }
+
+
+class _TaskMeans(torch.autograd.Function):
+    """Every task's mean loss, sum / max(count, 1), from the tasks' [3] stats in a few ops for all
+    of them. Returns (means [T], malformed [T], mean_0, ..., mean_{T-1}): the vector for the
+    weighted total, the scalars as the per-task losses. Each scalar's gradient reaches its own
+    task's stats only: a gradient-level balancer differentiates one task's loss at a time, and a
+    plain stack would pass the other tasks zero gradients, which autograd pushes through their
+    loss kernels and heads all the same."""
+
+    @staticmethod
+    def forward(ctx, dtype, *stats):
+        S = torch.stack(stats)
+        counts = S[:, 1].clamp(min=1)
+        ctx.save_for_backward(counts)
+        ctx.set_materialize_grads(False)
+        means = (S[:, 0] / counts).to(dtype)
+        bad = S[:, 2]
+        ctx.mark_non_differentiable(bad)
+        return (means, bad, *means.clone().unbind(0))
+
+    @staticmethod
+    def backward(ctx, grad_means, _grad_bad, *grad_each):
+        (counts,) = ctx.saved_tensors
+        T = len(grad_each)
+        if grad_means is not None:  # the total: every task
+            live = list(range(T))
+            G = grad_means.to(torch.float64)
+            if any(g is not None for g in grad_each):
+                G = G + torch.stack([g if g is not None else torch.zeros_like(grad_means[0]) for g in grad_each])
+        else:
+            live = [t for t, g in enumerate(grad_each) if g is not None]
+            if not live:
+                return (None,) * (T + 1)
+            G = torch.stack([grad_each[t] for t in live]).to(torch.float64)
+        c = counts if len(live) == T else counts[live]
+        rows = F.pad((G / c)[:, None], (0, 2))  # d mean / d (sum, count, malformed) = (1 / count, 0, 0)
+        out = [None] * T
+        for t, row in zip(live, rows.unbind(0)):
+            out[t] = row
+        return (None, *out)
 
 
 class DenseMultiTaskLoss(nn.Module):
@@ -139,15 +181,13 @@ class DenseMultiTaskLoss(nn.Module):
             args.append((pred, target, kind, pos_weight, backend))
             infos.append((task, kind, pred.shape[1], acc_dtype(pred.dtype)))
         stats = self._task_stats(args)
-        # Every task's loss from one [T, 3] stack of (sum, count, malformed): a few ops for all
-        # the tasks rather than a few per task (on a GPU each op is a launch). The counts take no
-        # gradient. Tasks on different devices or of different accumulation types go one by one.
+        # Every task's loss from its (sum, count, malformed) stats: with one accumulation type and
+        # device, in a few ops for all the tasks (on a GPU each op is a launch), each task's
+        # gradient still its own (_TaskMeans). Otherwise task by task. The counts take no gradient.
         dtypes = {dtype for *_, dtype in infos}
-        if isinstance(stats, torch.Tensor) or (len(dtypes) == 1 and len({s.device for s in stats}) == 1):
-            S = stats if isinstance(stats, torch.Tensor) else torch.stack(stats)
-            means = (S[:, 0] / S[:, 1].detach().clamp(min=1)).to(dtypes.pop())
-            losses = dict(zip(self.tasks, means.unbind(0)))
-            bad = S[:, 2].detach()
+        if len(dtypes) == 1 and len({s.device for s in stats}) == 1:
+            means, bad, *each = _TaskMeans.apply(dtypes.pop(), *stats)
+            losses = dict(zip(self.tasks, each))
         else:
             means = None
             losses = {t: (s[0] / s[1].detach().clamp(min=1)).to(d) for (t, *_, d), s in zip(infos, stats)}
@@ -162,8 +202,8 @@ class DenseMultiTaskLoss(nn.Module):
             total = sum(self.weights[t] * losses[t] for t in self.tasks)
         return total, losses
 
-    def _task_stats(self, args) -> list[torch.Tensor] | torch.Tensor:
-        """Each task's [3] stats (dense_loss_stats); as one [T, 3] tensor when one launch made them all.
+    def _task_stats(self, args) -> list[torch.Tensor]:
+        """Each task's [3] stats (dense_loss_stats).
 
         On the fused backends, the tasks whose predictions are full size and share a dtype and a
         device go through dense_loss_group: one launch for all of them (and one for their backward)
@@ -177,13 +217,11 @@ class DenseMultiTaskLoss(nn.Module):
             if len(members) < 2:
                 continue
             pred, target, kind, pos_weight, _ = zip(*(args[i] for i in members))
-            S = dense_loss_group_stats(
+            group = dense_loss_group_stats(
                 pred, target, kind, pos_weight, self.depth_invalid, backend, self.inplace_backward
             )
-            if len(members) == len(args):
-                return S
-            for i, row in zip(members, S.unbind(0)):
-                stats[i] = row
+            for i, st in zip(members, group):
+                stats[i] = st
         for i, (pred, target, kind, pos_weight, backend) in enumerate(args):
             if stats[i] is None:
                 stats[i] = dense_loss_stats(

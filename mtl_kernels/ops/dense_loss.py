@@ -105,9 +105,10 @@ def dense_loss_stats(pred, target, kind, pos_weight, invalid, backend, inplace_b
 
 
 def dense_loss_group_stats(preds, targets, kinds, pos_weights, invalid, backend, inplace_backward=False):
-    """[T, 3] float64: dense_loss_stats of T tasks (checked, prepared, full-size predictions of one
-    dtype on one device; kinds and pos_weights as dense_loss_stats takes them) in one launch of
-    dense_loss_group (cpu, cuda) or dense_loss_group_triton, and the backward in one more."""
+    """dense_loss_stats of T tasks (checked, prepared, full-size predictions of one dtype on one
+    device; kinds and pos_weights as dense_loss_stats takes them), a list of [3] tensors, in one
+    launch of dense_loss_group (cpu, cuda) or dense_loss_group_triton, and the backward in one more
+    (for the tasks a gradient reaches: each task's stats are an output of their own)."""
     if backend not in ("cpu", "cuda", "triton"):
         raise ValueError(f"dense_loss_group_stats: backend must be 'cpu', 'cuda' or 'triton', got {backend!r}")
     device = preds[0].device
@@ -282,7 +283,7 @@ def _register(name: str, scale, scale_) -> None:
 
 
 def _group_fake(preds, targets, kinds, pos_weights, invalid, inplace_backward):
-    return preds[0].new_empty((len(preds), 3), dtype=torch.float64), [torch.empty_like(p) for p in preds]
+    return [p.new_empty(3, dtype=torch.float64) for p in preds], [torch.empty_like(p) for p in preds]
 
 
 def _group_setup_context(ctx, inputs, output):
@@ -294,17 +295,24 @@ def _group_setup_context(ctx, inputs, output):
 
 def _group_backward_with(scale, scale_):
     def backward(ctx, grad_stats, _grad_grads):
-        grads = list(ctx.saved_tensors)
-        none = [None] * len(grads)  # the targets' (a list input takes a list)
-        if grad_stats is None:  # no task's loss took part in what is differentiated
-            return none, none, None, None, None, None
+        kept = list(ctx.saved_tensors)
+        out = [None] * len(kept)  # None for the targets' too (a list input takes a list)
+        # Only the tasks whose stats a gradient reached: a loss of one task leaves the others (and
+        # so their heads, upstream) without a gradient, not with a zero one to push through.
+        live = [t for t, g in enumerate(grad_stats or ()) if g is not None]
+        if not live:
+            return out, [None] * len(kept), None, None, None, None
+        grads = [kept[t] for t in live]
+        sums = torch.stack([grad_stats[t] for t in live])[:, 0]
         if ctx.inplace:
-            scale_(grads, grad_stats[:, 0])
+            scale_(grads, sums)
             for g in grads:
                 torch.autograd.graph.increment_version(g)  # see _backward_with
         else:
-            grads = scale(grads, grad_stats[:, 0])
-        return grads, none, None, None, None, None
+            grads = scale(grads, sums)
+        for t, g in zip(live, grads):
+            out[t] = g
+        return out, [None] * len(kept), None, None, None, None
 
     return backward
 

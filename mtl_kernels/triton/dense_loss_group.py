@@ -23,8 +23,8 @@ from .cross_stitch import _acc_dtype
 from .dense_loss import _ce_tile, _flat_tile, _normals_tile, _scale_tile, _store_partial
 
 # Columns of the task table.
-_X, _TARGET, _GRAD, _KIND, _C, _P, _SB, _SC, _SP, _N, _FIRST, _END = range(12)
-_FIELDS = tl.constexpr(12)
+_X, _TARGET, _GRAD, _KIND, _C, _P, _SB, _SC, _SP, _N, _FIRST, _END, _STATS = range(13)
+_FIELDS = tl.constexpr(13)
 
 _BLOCK_P = 64  # cross-entropy pixels per program (as dense_loss_triton)
 _BLOCK_N = 256  # normals pixels per program
@@ -83,9 +83,11 @@ def _group_loss_kernel(
 
 
 @triton.jit
-def _task_sums_kernel(table_ptr, part_ptr, stats_ptr, BLOCK: tl.constexpr):
-    """Program t adds task t's partial rows, in BLOCK-wide strides then a tree: the same order every run."""
+def _task_sums_kernel(table_ptr, part_ptr, BLOCK: tl.constexpr):
+    """Program t adds task t's partial rows, in BLOCK-wide strides then a tree: the same order every
+    run, into task t's own [3] stats tensor."""
     task = tl.program_id(0)
+    stats_ptr = tl.load(table_ptr + task * _FIELDS + 12).to(tl.pointer_type(tl.float64))
     first, end = tl.load(table_ptr + task * _FIELDS + 10), tl.load(table_ptr + task * _FIELDS + 11)
     s = tl.zeros((BLOCK,), tl.float64)
     n = tl.zeros((BLOCK,), tl.float64)
@@ -96,7 +98,7 @@ def _task_sums_kernel(table_ptr, part_ptr, stats_ptr, BLOCK: tl.constexpr):
         s += tl.load(part_ptr + i * 3 + 0, mask=mask, other=0.0)
         n += tl.load(part_ptr + i * 3 + 1, mask=mask, other=0.0)
         b += tl.load(part_ptr + i * 3 + 2, mask=mask, other=0.0)
-    _store_partial(stats_ptr, task, tl.sum(s), tl.sum(n), tl.sum(b))
+    _store_partial(stats_ptr, 0, tl.sum(s), tl.sum(n), tl.sum(b))
 
 
 def _programs(pred: torch.Tensor, kind: int) -> int:
@@ -116,24 +118,24 @@ def dense_loss_group_triton(
     pos_weights: torch.Tensor,
     invalid: int,
     inplace_backward: bool,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     _check(preds, targets, kinds, pos_weights)
     device = preds[0].device
     grads = [torch.empty_like(p) for p in preds]
-    table = np.zeros((len(preds), 12), dtype=np.int64)
+    stats = [torch.empty(3, dtype=torch.float64, device=device) for _ in preds]
+    table = np.zeros((len(preds), 13), dtype=np.int64)
     first = 0
-    for row, pred, target, grad, kind in zip(table, preds, targets, grads, kinds):
+    for row, pred, target, grad, kind, st in zip(table, preds, targets, grads, kinds, stats):
         B, C, H, W = pred.shape
         sP = pred.stride(3) if W > 1 else pred.stride(2)
         n = _programs(pred, kind)
         row[:] = (pred.data_ptr(), target.data_ptr(), grad.data_ptr(), kind, C, H * W,
-                  pred.stride(0), pred.stride(1), sP, pred.numel(), first, first + n)  # fmt: skip
+                  pred.stride(0), pred.stride(1), sP, pred.numel(), first, first + n, st.data_ptr())  # fmt: skip
         first += n
     (table_d,) = _device.upload([torch.from_numpy(table)], device)
     part = torch.empty((first, 3), dtype=torch.float64, device=device)
-    stats = torch.empty((len(preds), 3), dtype=torch.float64, device=device)
     if first == 0:  # empty predictions: no 0-program launch
-        return stats.zero_(), grads
+        return [st.zero_() for st in stats], grads
     acc, _ = _acc_dtype(preds[0].dtype)
     C_max = max((p.shape[1] for p, k in zip(preds, kinds) if k == 0), default=1)
     with _device.device_guard(device):
@@ -142,7 +144,7 @@ def dense_loss_group_triton(
             X_TYPE=_TL_DTYPE[preds[0].dtype], ACC=acc, INVALID=invalid,
             BLOCK_P=_BLOCK_P, BLOCK_C=min(triton.next_power_of_2(C_max), 32), BLOCK_N=_BLOCK_N, BLOCK_F=_BLOCK_F,
         )  # fmt: skip
-        _task_sums_kernel[(len(preds),)](table_d, part, stats, BLOCK=256)
+        _task_sums_kernel[(len(preds),)](table_d, part, BLOCK=256)
     return stats, grads
 
 
@@ -187,7 +189,7 @@ def _check(preds, targets, kinds, pos_weights) -> None:
 
 @dense_loss_group_triton.register_fake
 def _(preds, targets, kinds, pos_weights, invalid, inplace_backward):
-    return preds[0].new_empty((len(preds), 3), dtype=torch.float64), [torch.empty_like(p) for p in preds]
+    return [p.new_empty(3, dtype=torch.float64) for p in preds], [torch.empty_like(p) for p in preds]
 
 
 # Backward: out[t] = grads[t] * grad_sums[t] in float, every task in one launch (see _scale_kernel).
@@ -208,7 +210,7 @@ def _group_scale(grads: list[torch.Tensor], grad_sums: torch.Tensor, out: list[t
     if not grads:
         return
     block = 1024
-    table = np.zeros((len(grads), 12), dtype=np.int64)
+    table = np.zeros((len(grads), 13), dtype=np.int64)
     first = 0
     for row, g, o in zip(table, grads, out):
         dense = g.is_contiguous() or g.is_contiguous(memory_format=torch.channels_last)
