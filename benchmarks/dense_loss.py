@@ -10,8 +10,9 @@ impls
   cpu/cuda/triton  DenseMultiTaskLoss(backend=...), targets unchecked as in compile (the check
            reads a count back to the host, a synchronisation a like-for-like row leaves out)
   <backend>+inplace  the same with inplace_backward=True (one prediction-sized tensor less)
-  <backend>+per-task  cpu/cuda with group_tasks=False: one launch per task where the rows above
-           run the full-size tasks as one launch of dense_loss_group (and one for backward)
+  <backend>+grouped / <backend>+per-task  group_tasks=True / False, the one that is not the
+           default on that device (the default groups the full-size tasks into one launch of
+           dense_loss_group on a GPU, and runs one launch per task on the CPU)
 
 Task sets, with the survey's weights:
   nyud    semseg (40 classes) 1, depth 1, normals 10, edge 50 at 480 x 640 targets; predictions
@@ -124,7 +125,7 @@ def make_cases(name, res, B, dtype, device, impls):
                 upsample=True,
                 check_targets=False,
                 inplace_backward=variant == "inplace",
-                group_tasks=variant != "per-task",
+                group_tasks={"grouped": True, "per-task": False}.get(variant),
                 backend=backend,
             )
             yield harness.Case(impl=impl, forward=module_total(fused), leaves=leaves, **common)
@@ -134,8 +135,8 @@ def make_cases(name, res, B, dtype, device, impls):
 def run(device: torch.device, quick: bool = False, impls: list[str] | None = None) -> list[dict]:
     available = available_backends()
     fused = fused_backends(device, available)
-    grouped = [b for b in fused if b != "triton"]
-    all_impls = ["eager", "compile", *fused, *(f"{b}+inplace" for b in fused), *(f"{b}+per-task" for b in grouped)]
+    other = "grouped" if device.type == "cpu" else "per-task"  # the non-default grouping
+    all_impls = ["eager", "compile", *fused, *(f"{b}+inplace" for b in fused), *(f"{b}+{other}" for b in fused)]
     impls = [i for i in all_impls if impls is None or i in impls]
     B = 8 if device.type == "cuda" else 2
     configs = [("nyud", "full")] if quick else [("nyud", "full"), ("nyud", "quarter"), ("pascal", "full")]

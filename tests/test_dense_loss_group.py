@@ -205,11 +205,11 @@ class OpLog(TorchDispatchMode):
 NYUD = {"semseg": ("cross_entropy", 40), "depth": ("l1", 1), "normals": ("normals_l1", 3), "edge": ("balanced_bce", 1)}
 
 
-def nyud_batch(dtypes=None, small=()):
+def nyud_batch(dtypes=None, small=(), device="cpu"):
     preds, targets = {}, {}
     for task, (kind, C) in NYUD.items():
         dtype = (dtypes or {}).get(task, torch.float32)
-        pred, target, *_ = make_task(kind, 0.95, C, (2, 8, 10), dtype, "cpu", "contiguous")
+        pred, target, *_ = make_task(kind, 0.95, C, (2, 8, 10), dtype, device, "contiguous")
         if task in small:
             pred = torch.randn(2, C, 4, 5, dtype=dtype, requires_grad=True)
         preds[task], targets[task] = pred, target
@@ -296,3 +296,20 @@ def test_one_task_loss_reaches_only_its_own_prediction(backend, group_tasks):
     reached.clear()
     torch.autograd.grad(total, shared)
     assert sorted(reached) == sorted(NYUD)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_default_grouping_follows_the_device(device, backend):
+    """group_tasks=None: one launch for the tasks on a GPU; one per task on the CPU (no time to gain
+    there, and the grouped backward would keep every task's gradient alive until all are made)."""
+    preds, targets = nyud_batch(device=device)
+    loss = mk.nn.DenseMultiTaskLoss(list(NYUD), backend=backend)
+    with OpLog() as log:
+        total, _ = loss(preds, targets)
+        torch.autograd.grad(total, list(preds.values()))
+    suffix = "_triton" if backend == "triton" else ""
+    if device == "cpu":
+        want = {f"dense_loss{suffix}": 4, f"dense_loss_backward{suffix}": 4}
+    else:
+        want = {f"dense_loss_group{suffix}": 1, f"dense_loss_group_backward{suffix}": 1}
+    assert {n: log.names.count(n) for n in set(log.names)} == want

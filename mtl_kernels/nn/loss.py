@@ -83,9 +83,12 @@ class DenseMultiTaskLoss(nn.Module):
         checked together, one host synchronisation per call on a GPU.
     inplace_backward: backward scales each task's kept gradient in place (one prediction-sized
         tensor less at the peak); the graph through the loss can then be backpropagated only once.
-    group_tasks: on the fused backends, the tasks whose predictions are full size and share a
-        dtype run as one launch of dense_loss_group, and their backward as one more; False runs
-        one launch per task (the same results).
+    group_tasks: True: on the fused backends, the tasks whose predictions are full size and share
+        a dtype run as one launch of dense_loss_group, and their backward as one more. False: one
+        launch per task (the same results). None (default): grouped on a GPU, where launches
+        cost; per task on the CPU, where one launch gains no time and, without
+        inplace_backward, the grouped backward keeps every task's gradient alive until all are
+        made (per task, each is freed after its own).
 
     forward(preds, targets) -> (total, {task: loss}); preds[t] [B, C, H, W]; targets[t] as in
     mtl_kernels.ops.dense_loss (semseg / human_parts: [B, H, W] or [B, 1, H, W] class indices).
@@ -102,7 +105,7 @@ class DenseMultiTaskLoss(nn.Module):
         edge_pos_weight: float = 0.95,
         check_targets: bool = True,
         inplace_backward: bool = False,
-        group_tasks: bool = True,
+        group_tasks: bool | None = None,
         backend: str | None = None,
     ):
         super().__init__()
@@ -210,7 +213,8 @@ class DenseMultiTaskLoss(nn.Module):
         where each task alone takes one of each."""
         groups: dict[tuple, list[int]] = {}
         for i, (pred, target, _, _, backend) in enumerate(args):
-            if self.group_tasks and backend != "reference" and pred.shape[-2:] == target.shape[-2:]:
+            group = pred.is_cuda if self.group_tasks is None else self.group_tasks
+            if group and backend != "reference" and pred.shape[-2:] == target.shape[-2:]:
                 groups.setdefault((backend, pred.device, pred.dtype), []).append(i)
         stats: list = [None] * len(args)
         for (backend, *_), members in groups.items():
