@@ -42,10 +42,9 @@ std::pair<int64_t, int64_t> chunk_items(const std::vector<int64_t>& work, int64_
   return {at(k), k + 1 == chunks ? static_cast<int64_t>(work.size()) - 1 : at(k + 1)};
 }
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> dense_loss_group_cpu(at::TensorList preds, at::TensorList targets,
-                                                                     at::IntArrayRef kinds,
-                                                                     const at::Tensor& pos_weights, int64_t invalid,
-                                                                     bool /*inplace_backward: autograd only*/) {
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> dense_loss_group_cpu(
+    at::TensorList preds, at::TensorList targets, at::IntArrayRef kinds, const at::Tensor& pos_weights,
+    int64_t invalid, bool /*inplace_backward: autograd only*/) {
   check_dense_loss_group_args(preds, targets, kinds, pos_weights);
   const int64_t T = static_cast<int64_t>(preds.size());
   std::vector<at::Tensor> grads;
@@ -82,7 +81,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> dense_loss_group_cp
   std::vector<at::Tensor> stats;
   for (int64_t t = 0; t < T; ++t) {
     double sum = 0, count = 0, bad = 0;  // in tile order, as dense_loss adds them
-    for (int64_t i = first_tile[t]; i < first_tile[t + 1]; ++i) sum += parts[i].sum, count += parts[i].count, bad += parts[i].bad;
+    for (int64_t i = first_tile[t]; i < first_tile[t + 1]; ++i)
+      sum += parts[i].sum, count += parts[i].count, bad += parts[i].bad;
     stats.push_back(at::empty({3}, preds[0].options().dtype(at::kDouble)));
     double* s = stats.back().mutable_data_ptr<double>();
     s[0] = sum, s[1] = count, s[2] = bad;

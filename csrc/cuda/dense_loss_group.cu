@@ -89,10 +89,9 @@ __global__ void __launch_bounds__(kThreads) task_sums_kernel(const LossTasks tas
   block_partial(v[0], v[1], v[2], tasks.task[t].stats);
 }
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> dense_loss_group_cuda(at::TensorList preds, at::TensorList targets,
-                                                                      at::IntArrayRef kinds,
-                                                                      const at::Tensor& pos_weights, int64_t invalid,
-                                                                      bool /*inplace_backward: autograd only*/) {
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> dense_loss_group_cuda(
+    at::TensorList preds, at::TensorList targets, at::IntArrayRef kinds, const at::Tensor& pos_weights,
+    int64_t invalid, bool /*inplace_backward: autograd only*/) {
   check_dense_loss_group_args(preds, targets, kinds, pos_weights);
   const int64_t T = static_cast<int64_t>(preds.size());
   const at::cuda::OptionalCUDAGuard guard(preds[0].device());
