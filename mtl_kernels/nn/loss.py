@@ -57,7 +57,8 @@ class _TaskMeans(torch.autograd.Function):
             if not live:
                 return (None,) * (T + 1)
             G = torch.stack([grad_each[t] for t in live]).to(torch.float64)
-        c = counts if len(live) == T else counts[live]
+        # (not counts[live]: a list index is copied from the host, which waits for the GPU)
+        c = counts if len(live) == T else torch.stack([counts[t] for t in live])
         rows = F.pad((G / c)[:, None], (0, 2))  # d mean / d (sum, count, malformed) = (1 / count, 0, 0)
         out = [None] * T
         for t, row in zip(live, rows.unbind(0)):
