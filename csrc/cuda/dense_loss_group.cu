@@ -43,10 +43,12 @@ struct LossTask {
   Pixels px;
 };
 
-struct LossTasks {
-  LossTask task[kMaxTasks];
+// Tasks as kernel arguments, task t owning blocks [task[t].first_block, end_block(t)).
+template <typename Task>
+struct TaskList {
+  Task task[kMaxTasks];
   int tasks;
-  int64_t blocks, invalid;
+  int64_t blocks;
 
   // The task whose range holds block b.
   __device__ int task_of(int64_t b) const {
@@ -55,6 +57,10 @@ struct LossTasks {
     return t;
   }
   __device__ int64_t end_block(int t) const { return t + 1 < tasks ? task[t + 1].first_block : blocks; }
+};
+
+struct LossTasks : TaskList<LossTask> {
+  int64_t invalid;
 };
 
 template <typename scalar_t, typename acc_t>
@@ -148,21 +154,16 @@ struct ScaleTask {
   int64_t n, first_block;
 };
 
-struct ScaleTasks {
-  ScaleTask task[kMaxTasks];
-  int tasks;
-  int64_t blocks;
+struct ScaleTasks : TaskList<ScaleTask> {
   const double* s;  // grad_sums, stride s_stride
   int64_t s_stride;
 };
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) group_scale_kernel(const ScaleTasks tasks) {
-  int t = 0;
-  while (t + 1 < tasks.tasks && int64_t(blockIdx.x) >= tasks.task[t + 1].first_block) ++t;
+  const int t = tasks.task_of(blockIdx.x);
   const ScaleTask& task = tasks.task[t];
-  const int64_t end = t + 1 < tasks.tasks ? tasks.task[t + 1].first_block : tasks.blocks;
-  const int64_t stride = (end - task.first_block) * kThreads;
+  const int64_t stride = (tasks.end_block(t) - task.first_block) * kThreads;
   const acc_t scale = static_cast<acc_t>(tasks.s[t * tasks.s_stride]);
   const scalar_t* g = static_cast<const scalar_t*>(task.g);
   scalar_t* o = static_cast<scalar_t*>(task.o);
