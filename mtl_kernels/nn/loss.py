@@ -9,7 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _backend
-from ..ops.dense_loss import IMPLEMENTED, check_args, dense_loss_group_stats, dense_loss_stats, raise_if_malformed
+from ..ops.dense_loss import (
+    IMPLEMENTED,
+    check_args,
+    dense_loss_group_stats,
+    dense_loss_stats,
+    fixed_vector,
+    raise_if_malformed,
+)
 from ..reference.dense_loss import INVALID, acc_dtype
 
 # The survey's task kinds: which loss each one uses, and its balanced-BCE positive weight
@@ -132,7 +139,6 @@ class DenseMultiTaskLoss(nn.Module):
         self.upsample, self.depth_invalid, self.edge_pos_weight = upsample, depth_invalid, edge_pos_weight
         self.check_targets, self.inplace_backward, self.backend = check_targets, inplace_backward, backend
         self.group_tasks = group_tasks
-        self._weight_vectors: dict[tuple, torch.Tensor] = {}  # see _weight_vector
         if isinstance(weights, nn.Module):
             self.balancer, self.weights = weights, None
             tasks = getattr(weights, "tasks", None)
@@ -235,12 +241,9 @@ class DenseMultiTaskLoss(nn.Module):
         return stats
 
     def _weight_vector(self, like: torch.Tensor) -> torch.Tensor:
-        """The fixed weights as a [T] tensor on like's device, made once per device, dtype and
-        weights (a copy from the host at every call would wait for the GPU each time)."""
-        key = (like.device, like.dtype, tuple(self.weights[t] for t in self.tasks))
-        if key not in self._weight_vectors:
-            self._weight_vectors[key] = torch.tensor(key[2], dtype=like.dtype, device=like.device)
-        return self._weight_vectors[key]
+        """The fixed weights as a [T] tensor on like's device and dtype, cached (see fixed_vector):
+        a changed `self.weights` makes a new one."""
+        return fixed_vector(tuple(self.weights[t] for t in self.tasks), like.device, like.dtype)
 
     @staticmethod
     def _raise_if_malformed(infos, bad: torch.Tensor) -> None:

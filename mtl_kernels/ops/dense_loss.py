@@ -119,7 +119,7 @@ def dense_loss_group_stats(preds, targets, kinds, pos_weights, invalid, backend,
         for t, k, w in zip(targets, kinds, pos_weights)
     ]
     if all(isinstance(w, float) for w in weights):
-        weights = _fixed_vector(tuple(weights), device)
+        weights = fixed_vector(tuple(weights), device)
     else:
         fill = lambda w: torch.full((), w, dtype=torch.float64, device=device)  # noqa: E731
         weights = torch.stack([w if isinstance(w, torch.Tensor) else fill(w) for w in weights])
@@ -138,11 +138,12 @@ def _share_of_negatives(target: torch.Tensor) -> torch.Tensor:
 _fixed_vectors: dict[tuple, torch.Tensor] = {}
 
 
-def _fixed_vector(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
-    # Made once per device and values: a copy from the host at every call would wait for the GPU.
-    key = (values, device)
+def fixed_vector(values: tuple[float, ...], device: torch.device, dtype=torch.float64) -> torch.Tensor:
+    """values as a tensor on device, made once per values, device and dtype (a copy from the host at
+    every call would wait for the GPU)."""
+    key = (values, device, dtype)
     if key not in _fixed_vectors:
-        _fixed_vectors[key] = torch.tensor(values, dtype=torch.float64, device=device)
+        _fixed_vectors[key] = torch.tensor(values, dtype=dtype, device=device)
     return _fixed_vectors[key]
 
 

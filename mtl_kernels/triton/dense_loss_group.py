@@ -21,6 +21,7 @@ import triton.language as tl
 from . import _device
 from .cross_stitch import _acc_dtype
 from .dense_loss import _ce_tile, _flat_tile, _normals_tile, _scale_tile, _store_partial
+from .gram import _TL_DTYPE
 
 # Columns of the task table.
 _X, _TARGET, _GRAD, _KIND, _C, _P, _SB, _SC, _SP, _N, _FIRST, _END, _STATS = range(13)
@@ -146,14 +147,6 @@ def dense_loss_group_triton(
         )  # fmt: skip
         _task_sums_kernel[(len(preds),)](table_d, part, BLOCK=256)
     return stats, grads
-
-
-_TL_DTYPE = {
-    torch.float32: tl.float32,
-    torch.float64: tl.float64,
-    torch.float16: tl.float16,
-    torch.bfloat16: tl.bfloat16,
-}
 
 
 def _check(preds, targets, kinds, pos_weights) -> None:
