@@ -1,6 +1,8 @@
 """dense_loss and DenseMultiTaskLoss: the reference against the survey code's formulas, every fused
 backend against the reference (forward and backward), edge cases and bad input."""
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -124,11 +126,48 @@ def test_extreme_logits(device, backend, dtype):
         with torch.no_grad():
             pred.copy_(torch.where(torch.rand_like(pred, dtype=torch.float32) > 0.5, 1e4, -1e4))
         loss = dense_loss(pred, target, kind, pos_weight=0.95 if kind == "balanced_bce" else None, backend=backend)
-        ref = dense_loss(pred.double(), target, kind, pos_weight=0.95 if kind == "balanced_bce" else None)
+        ref = dense_loss(
+            pred.double(), target, kind, pos_weight=0.95 if kind == "balanced_bce" else None, backend="reference"
+        )
         g = grad_of(loss, pred)
         assert torch.isfinite(loss) and torch.isfinite(g).all()
         assert abs(loss.item() - ref.item()) <= 1e-4 * max(1.0, abs(ref.item()))
         assert rel_err(g, grad_of(ref, pred)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_masked_logits(device, backend):
+    # Logits masked to -inf (a class excluded per pixel), here the first ones a pixel has and,
+    # at 40 classes, more than a whole slice of them: softmax gives them 0, never NaN.
+    pred, target = make("cross_entropy", (2, 40, 3, 4), torch.float32, device, ignored=False)
+    target = target.clamp(min=36)  # labels among the classes left finite
+    with torch.no_grad():
+        pred[0, :36] = float("-inf")
+        pred[1, 0] = float("-inf")
+    ref_pred = pred.detach().double().requires_grad_()
+    loss = dense_loss(pred, target, "cross_entropy", backend=backend)
+    ref = dense_loss(ref_pred, target, "cross_entropy", backend="reference")
+    g, g_ref = grad_of(loss, pred), grad_of(ref, ref_pred)
+    assert torch.isfinite(loss) and torch.isfinite(g).all()
+    assert abs(loss.item() - ref.item()) <= 1e-5 * max(1.0, abs(ref.item()))
+    assert rel_err(g, g_ref) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiny_normals(device, backend, dtype):
+    # |p| far below the 1e-12 eps: |p| * n^2 underflows in float, the gradient must not.
+    pred, target = make("normals_l1", (2, 3, 4, 5), torch.float32, device)
+    with torch.no_grad():
+        pred.mul_(1e-22)
+    pred = pred.detach().to(dtype).requires_grad_()
+    ref_pred = pred.detach().double().requires_grad_()
+    loss = dense_loss(pred, target, "normals_l1", backend=backend)
+    ref = dense_loss(ref_pred, target.double(), "normals_l1", backend="reference")
+    g = grad_of(loss, pred)
+    assert torch.isfinite(g).all()
+    assert abs(loss.item() - ref.item()) <= 1e-4 * max(1.0, abs(ref.item()))
+    assert rel_err(g, grad_of(ref, ref_pred)) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("device,backend", CASES)
@@ -248,11 +287,12 @@ def test_backward_twice(backend):
 def test_bad_targets(backend):
     pred, target = make("cross_entropy", (2, 5, 4, 4))
     target[0, 0, 0, 0] = 7
-    with pytest.raises(ValueError, match=r"class indices outside \[0, 5\)"):
+    with pytest.raises(ValueError, match=r"class indices that are neither integers in \[0, 5\)"):
         dense_loss(pred, target, "cross_entropy", backend=backend)
-    target[0, 0, 0, 0] = -1
-    with pytest.raises(ValueError, match="1 class indices"):
-        dense_loss(pred, target, "cross_entropy", backend=backend)
+    for label in (-1, 2.5, -0.5, 255.7, float("nan")):  # float labels are not truncated into a class
+        target[0, 0, 0, 0] = label
+        with pytest.raises(ValueError, match="1 class indices"):
+            dense_loss(pred, target, "cross_entropy", backend=backend)
     for kind in ("l1", "normals_l1", "balanced_bce"):
         pred, target = make(kind, (2, 5, 4, 4))
         target[1, 0, 1, 1] = float("nan")
@@ -505,6 +545,15 @@ def test_module_bad_input():
         mk.nn.DenseMultiTaskLoss({"a": "segmentation"})
     with pytest.raises(ValueError, match=r"missing \['depth'\], unknown \['sal'\]"):
         mk.nn.DenseMultiTaskLoss(["semseg", "depth"], {"semseg": 1.0, "sal": 1.0})
+    for w in (float("nan"), -1.0, "a", True):
+        with pytest.raises(ValueError, match="the weight of task 'depth' must be a finite number >= 0"):
+            mk.nn.DenseMultiTaskLoss(["semseg", "depth"], {"semseg": 1.0, "depth": w})
+    with pytest.raises(TypeError, match="edge_pos_weight must be a number"):
+        mk.nn.DenseMultiTaskLoss(["edge"], edge_pos_weight="0.9")
+    with pytest.raises(TypeError, match="upsample must be True or False"):
+        mk.nn.DenseMultiTaskLoss(["depth"], upsample="no")
+    with pytest.raises(TypeError, match="group_tasks must be True, False or None"):
+        mk.nn.DenseMultiTaskLoss(["depth"], group_tasks="yes")
     loss = mk.nn.DenseMultiTaskLoss(["semseg", "depth"])
     preds, targets = batch({"semseg": 4, "depth": 1})
     with pytest.raises(KeyError, match=r"targets lack tasks \['depth'\]"):
@@ -512,10 +561,19 @@ def test_module_bad_input():
     with pytest.raises(KeyError, match=r"unknown tasks \['edge'\]"):
         loss({**preds, "edge": preds["depth"]}, targets)
     targets["semseg"][0, 0, 0, 0] = 9
-    with pytest.raises(ValueError, match="task 'semseg'.*class indices outside"):
+    with pytest.raises(ValueError, match="task 'semseg'.*class indices that are neither"):
         loss(preds, targets)
     targets["semseg"][0, 0, 0, 0] = 0
     with pytest.raises(ValueError, match="task 'depth'.*target must have pred's shape"):
         loss(preds, {**targets, "depth": targets["depth"].expand(2, 2, 6, 8)})
     with pytest.raises(ValueError, match="task 'depth'.*pass upsample=True"):
         loss(preds, {**targets, "depth": targets["depth"][:, :, :, :3]})
+
+
+def test_weight_vectors_cache_is_bounded():
+    # Weights changed at every step (a schedule) must not leave a tensor per step behind.
+    ops_dense_loss = importlib.import_module("mtl_kernels.ops.dense_loss")  # the module, not the function
+    for step in range(3 * ops_dense_loss._FIXED_VECTORS_KEPT):
+        v = ops_dense_loss.fixed_vector((1.0, float(step)), torch.device("cpu"))
+        assert v.tolist() == [1.0, float(step)]
+    assert len(ops_dense_loss._fixed_vectors) <= ops_dense_loss._FIXED_VECTORS_KEPT

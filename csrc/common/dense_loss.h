@@ -74,7 +74,8 @@ MTL_HD int normals_pixel(const acc_t (&p)[3], const acc_t (&t)[3], acc_t& loss, 
     count += valid;
     dot += g[k] * p[k];
   }
-  const acc_t c = norm > acc_t(0) ? dot / (norm * n * n) : acc_t(0);
+  // (dot / norm first: norm * n * n underflows to 0 for |p| below about 1e-21 in float)
+  const acc_t c = norm > acc_t(0) ? dot / norm / (n * n) : acc_t(0);
   for (int k = 0; k < 3; ++k) grad[k] = g[k] / n - p[k] * c;
   return count;
 }

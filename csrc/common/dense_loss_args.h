@@ -25,6 +25,15 @@ inline void check_dense_loss_args(const at::Tensor& pred, const at::Tensor& targ
   }
 }
 
+// The balanced-BCE positive weight of dense_loss and dense_loss_upsampled: a one-element
+// float64 tensor on pred's device (read there by the kernels, for every kind on CUDA).
+inline void check_pos_weight(const at::Tensor& pos_weight, const at::Tensor& pred, const char* op) {
+  TORCH_CHECK(pos_weight.numel() == 1 && pos_weight.scalar_type() == at::kDouble &&
+                  pos_weight.device() == pred.device(),
+              op, ": pos_weight must be one float64 element on pred's device, got ", pos_weight.scalar_type(), " ",
+              pos_weight.sizes(), " on ", pos_weight.device());
+}
+
 // dense_loss_group: T tasks of dense_loss, predictions of one dtype on one device.
 inline void check_dense_loss_group_args(at::TensorList preds, at::TensorList targets, at::IntArrayRef kinds,
                                         const at::Tensor& pos_weights) {

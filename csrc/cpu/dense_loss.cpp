@@ -30,6 +30,7 @@ std::tuple<at::Tensor, at::Tensor> dense_loss_cpu(const at::Tensor& pred, const 
                                                   const at::Tensor& pos_weight, int64_t invalid,
                                                   bool /*inplace_backward: autograd only*/) {
   check_dense_loss_args(pred, target, kind);
+  check_pos_weight(pos_weight, pred, "dense_loss");
   at::Tensor grad = at::empty_like(pred);
   prefer_huge_pages(grad);
   const int64_t tiles = tiles_of(pred, kind);

@@ -116,6 +116,7 @@ std::tuple<at::Tensor, at::Tensor> dense_loss_upsampled_cpu(const at::Tensor& pr
                                                             int64_t kind, const at::Tensor& pos_weight,
                                                             int64_t invalid, bool /*inplace_backward*/) {
   check_dense_loss_upsampled_args(pred, target, kind);
+  check_pos_weight(pos_weight, pred, "dense_loss_upsampled");
   const int64_t B = pred.size(0), C = pred.size(1), Hi = pred.size(2), Wi = pred.size(3);
   const int64_t Ho = target.size(-2), Wo = target.size(-1);
   at::Tensor stats = at::empty({3}, pred.options().dtype(at::kDouble));

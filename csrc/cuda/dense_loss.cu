@@ -65,6 +65,7 @@ std::tuple<at::Tensor, at::Tensor> dense_loss_cuda(const at::Tensor& pred, const
                                                    const at::Tensor& pos_weight, int64_t invalid,
                                                    bool /*inplace_backward: autograd only*/) {
   check_dense_loss_args(pred, target, kind);
+  check_pos_weight(pos_weight, pred, "dense_loss");
   const bool flat = kind == kL1 || kind == kBalancedBce;
   const at::cuda::OptionalCUDAGuard guard(pred.device());
   const auto stream = at::cuda::getCurrentCUDAStream();

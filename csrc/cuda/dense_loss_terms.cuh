@@ -48,7 +48,8 @@ __device__ __forceinline__ void ce_softmax_stats(const Logit& logit, int64_t C, 
   for (int64_t c = 0; c < C; ++c) {
     const acc_t v = logit(c);
     const acc_t m_new = v > m ? v : m;
-    s = (c == 0 ? acc_t(0) : s * exp_acc(m - m_new)) + exp_acc(v - m_new);
+    const acc_t m_ref = m_new == -INFINITY ? acc_t(0) : m_new;  // only -inf so far: exps of 0, not NaN
+    s = (c == 0 ? acc_t(0) : s * exp_acc(m - m_ref)) + exp_acc(v - m_ref);
     m = m_new;
     xt = c == label ? v : xt;
   }

@@ -145,6 +145,7 @@ std::tuple<at::Tensor, at::Tensor> dense_loss_upsampled_cuda(const at::Tensor& p
                                                              int64_t kind, const at::Tensor& pos_weight,
                                                              int64_t invalid, bool /*inplace_backward*/) {
   check_dense_loss_upsampled_args(pred, target, kind);
+  check_pos_weight(pos_weight, pred, "dense_loss_upsampled");
   // The gradient is allocated in pred's layout and addressed with pred's strides.
   TORCH_CHECK(pred.is_non_overlapping_and_dense(), "dense_loss_upsampled: pred must be dense (NCHW or channels_last)");
   const int64_t B = pred.size(0), C = pred.size(1);

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -132,8 +134,19 @@ class DenseMultiTaskLoss(nn.Module):
                 )
         if depth_invalid not in INVALID:
             raise ValueError(f"DenseMultiTaskLoss: depth_invalid must be one of {INVALID}, got {depth_invalid!r}")
+        if isinstance(edge_pos_weight, bool) or not isinstance(edge_pos_weight, numbers.Real):
+            raise TypeError(f"DenseMultiTaskLoss: edge_pos_weight must be a number, got {edge_pos_weight!r}")
         if not 0.0 <= edge_pos_weight <= 1.0:
             raise ValueError(f"DenseMultiTaskLoss: edge_pos_weight must be in [0, 1], got {edge_pos_weight}")
+        for name, flag in (
+            ("upsample", upsample),
+            ("check_targets", check_targets),
+            ("inplace_backward", inplace_backward),
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(f"DenseMultiTaskLoss: {name} must be True or False, got {flag!r}")
+        if group_tasks is not None and not isinstance(group_tasks, bool):
+            raise TypeError(f"DenseMultiTaskLoss: group_tasks must be True, False or None, got {group_tasks!r}")
         self.task_kinds = dict(task_kinds)
         self.tasks = list(task_kinds)
         self.upsample, self.depth_invalid, self.edge_pos_weight = upsample, depth_invalid, edge_pos_weight
@@ -162,6 +175,12 @@ class DenseMultiTaskLoss(nn.Module):
                 f"DenseMultiTaskLoss: weights must give every task exactly: missing {missing}, unknown {unknown}; "
                 f"tasks are {self.tasks}"
             )
+        for t in self.tasks:
+            w = weights[t]
+            if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w) or w < 0:
+                raise ValueError(
+                    f"DenseMultiTaskLoss: the weight of task {t!r} must be a finite number >= 0, got {w!r}"
+                )
         return {t: float(weights[t]) for t in self.tasks}
 
     def forward(

@@ -16,6 +16,7 @@ wrong gradient).
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -135,15 +136,20 @@ def _share_of_negatives(target: torch.Tensor) -> torch.Tensor:
     return 1.0 - (target >= 0.5).sum(dtype=torch.float64) / target.numel()
 
 
-_fixed_vectors: dict[tuple, torch.Tensor] = {}
+_fixed_vectors: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_FIXED_VECTORS_KEPT = 64  # the most recently used; weights changed every step must not pile up
 
 
 def fixed_vector(values: tuple[float, ...], device: torch.device, dtype=torch.float64) -> torch.Tensor:
     """values as a tensor on device, made once per values, device and dtype (a copy from the host at
     every call would wait for the GPU)."""
     key = (values, device, dtype)
-    if key not in _fixed_vectors:
+    if key in _fixed_vectors:
+        _fixed_vectors.move_to_end(key)
+    else:
         _fixed_vectors[key] = torch.tensor(values, dtype=dtype, device=device)
+        if len(_fixed_vectors) > _FIXED_VECTORS_KEPT:
+            _fixed_vectors.popitem(last=False)
     return _fixed_vectors[key]
 
 
@@ -177,7 +183,8 @@ def raise_if_malformed(bad: torch.Tensor, kind: str, classes: int) -> None:
         return
     if kind == "cross_entropy":
         raise ValueError(
-            f"dense_loss: target has {n} class indices outside [0, {classes}) that are not the ignore index 255"
+            f"dense_loss: target has {n} class indices that are neither integers in [0, {classes}) nor the "
+            "ignore index 255"
         )
     hint = "; for depth, invalid='nonpositive' treats NaN as a hole" if kind == "l1" else ""
     raise ValueError(f"dense_loss ({kind}): target has {n} NaN entries{hint}")
@@ -233,6 +240,10 @@ def prepare_target(pred: torch.Tensor, target: torch.Tensor, kind: str, size=Non
                 f"dense_loss: cross_entropy target must be [B, H, W] = {[B, H, W]} (or [B, 1, H, W]), "
                 f"got {list(target.shape)}"
             )
+        if target.is_floating_point():
+            # Labels that are not integers (2.5, NaN) become -1, which the kernels count as
+            # malformed: .to(int64) alone would truncate them into some class, silently.
+            target = torch.where(target == target.trunc(), target, -1.0)
         return target.to(torch.int64).contiguous()
     if target.dim() == 3 and C == 1:
         target = target.unsqueeze(1)

@@ -142,7 +142,7 @@ def _normals_pixel(x0, x1, x2, t0_ptrs, t1_ptrs, t2_ptrs, mask, BLOCK: tl.conste
     g0, total, count, bad, dot = _normals_entry(x0, n, t0_ptrs, mask, total, count, bad, dot)
     g1, total, count, bad, dot = _normals_entry(x1, n, t1_ptrs, mask, total, count, bad, dot)
     g2, total, count, bad, dot = _normals_entry(x2, n, t2_ptrs, mask, total, count, bad, dot)
-    c = tl.where(norm > 0, dot / (norm * n * n), 0.0)
+    c = tl.where(norm > 0, dot / norm / (n * n), 0.0)  # dot / norm first: norm * n * n underflows
     return g0 / n - x0 * c, g1 / n - x1 * c, g2 / n - x2 * c, tl.sum(total), tl.sum(count), tl.sum(bad)
 
 
