@@ -14,15 +14,21 @@ from torch import nn
 from .nn import NDDR, CrossStitch, MTANAttention, MultiModalDistillation
 
 
+def _loaded(fused: nn.Module, module: nn.Module, like) -> nn.Module:
+    """fused, moved to like's device and dtype first, with module's weights: loading before the
+    move would round float64 weights through the fused module's float32 ones."""
+    fused.to(device=like.device, dtype=like.dtype)
+    fused.load_state_dict(module.state_dict())
+    return fused
+
+
 def _cross_stitch(module: nn.Module, backend: str | None) -> nn.Module | None:
     unit = getattr(module, "cross_stitch_unit", None)
     if not isinstance(unit, nn.ModuleDict):
         return None
     tasks = list(unit.keys())
     first = unit[tasks[0]][tasks[0]].param
-    fused = CrossStitch(tasks, first.shape[0], backend=backend)
-    fused.load_state_dict(module.state_dict())
-    return fused.to(device=first.device, dtype=first.dtype)
+    return _loaded(CrossStitch(tasks, first.shape[0], backend=backend), module, first)
 
 
 def _nddr(module: nn.Module, backend: str | None) -> nn.Module | None:
@@ -33,9 +39,9 @@ def _nddr(module: nn.Module, backend: str | None) -> nn.Module | None:
     conv, bn = layer[tasks[0]][0], layer[tasks[0]][1]
     if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d) or bn.momentum is None:
         return None
-    fused = NDDR(tasks, conv.out_channels, momentum=bn.momentum, eps=bn.eps, backend=backend)
-    fused.load_state_dict(module.state_dict())
-    return fused.to(device=conv.weight.device, dtype=conv.weight.dtype)
+    return _loaded(
+        NDDR(tasks, conv.out_channels, momentum=bn.momentum, eps=bn.eps, backend=backend), module, conv.weight
+    )
 
 
 def _distillation(module: nn.Module, backend: str | None) -> nn.Module | None:
@@ -49,16 +55,17 @@ def _distillation(module: nn.Module, backend: str | None) -> nn.Module | None:
     fused = MultiModalDistillation(
         list(module.tasks), list(module.auxilary_tasks), channels, key_format="features_{}", backend=backend
     )
-    fused.load_state_dict(module.state_dict())
-    return fused.to(device=block.conv.weight.device, dtype=block.conv.weight.dtype)
+    return _loaded(fused, module, block.conv.weight)
 
 
 def _attention(module: nn.Module, backend: str | None) -> nn.Module | None:
     if not isinstance(module, nn.Sequential) or len(module) != 6 or not isinstance(module[0], nn.Conv2d):
         return None
     fused = MTANAttention(module[0].in_channels, module[0].out_channels, module[3].out_channels, backend=backend)
-    fused.load_state_dict(module.state_dict())
-    return fused.to(device=module[0].weight.device, dtype=module[0].weight.dtype)
+    for i in (1, 4):  # the survey's BNs as configured (affine, running statistics, eps, momentum)
+        bn = module[i]
+        fused[i] = nn.BatchNorm2d(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    return _loaded(fused, module, module[0].weight)
 
 
 # class name of the survey module -> builds the fused module, or None if the layout differs
@@ -91,4 +98,8 @@ def _convert_one(module: nn.Module, backend: str | None) -> nn.Module | None:
     fused = converter(module, backend)
     if fused is not None:
         fused.train(module.training)
+        # and the submodules the two share by name in their own mode (a BN frozen for fine-tuning)
+        modes = {name: m.training for name, m in module.named_modules()}
+        for name, m in fused.named_modules():
+            m.training = modes.get(name, m.training)
     return fused

@@ -96,24 +96,62 @@ def test_mtan_attention_equals_survey_layer(backend, momentum):
         bn.momentum = momentum
     assert list(fused.state_dict()) == list(survey.state_dict())
     for _ in range(3):  # training steps: same outputs, gradients and running statistics
-        x = torch.randn(2, 8, 5, 7, dtype=torch.float64, requires_grad=True)
-        u = torch.randn(2, 6, 5, 7, dtype=torch.float64, requires_grad=True)
-        out, expected = fused(x, u), survey(x) * u
-        torch.testing.assert_close(out, expected)
-        g = torch.randn_like(out)
-        got = torch.autograd.grad(out, [x, u, *fused.parameters()], g)
-        want = torch.autograd.grad(expected, [x, u, *survey.parameters()], g)
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b)
-    for i in (1, 4):
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            torch.testing.assert_close(getattr(fused[i], name), getattr(survey[i], name))
+        _assert_mtan_step_equal(survey, fused)
     fused.eval()
     survey.eval()
-    x = torch.randn(2, 8, 5, 7, dtype=torch.float64)
-    u = torch.randn(2, 6, 5, 7, dtype=torch.float64)
-    torch.testing.assert_close(fused(x, u), survey(x) * u)
+    _assert_mtan_step_equal(survey, fused)
+
+
+def _mtan_pair(survey, backend):
+    """survey with perturbed weights and running statistics, and mk.convert of a copy of it."""
+    with torch.no_grad():
+        for p in survey.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        for i in (1, 4):
+            if survey[i].running_mean is not None:
+                survey[i].running_mean.normal_()
+                survey[i].running_var.uniform_(0.5, 2.0)
+    return survey, mk.convert(copy.deepcopy(survey), backend=backend)
+
+
+def _assert_mtan_step_equal(survey, fused):
+    x = torch.randn(2, 8, 5, 7, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(2, 6, 5, 7, dtype=torch.float64, requires_grad=True)
+    out, expected = fused(x, u), survey(x) * u
+    torch.testing.assert_close(out, expected)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, u, *fused.parameters()], g)
+    want = torch.autograd.grad(expected, [x, u, *survey.parameters()], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
     torch.testing.assert_close(fused(x), survey(x))  # the mask alone
+    torch.testing.assert_close(fused.state_dict(), survey.state_dict())  # running statistics too
+
+
+@pytest.mark.parametrize("frozen", [(1,), (4,), (1, 4)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mtan_attention_frozen_batch_norms(backend, frozen):
+    # Fine-tuning: the model trains, some BNs are frozen (eval). Each BN follows its own mode, as
+    # in the survey's nn.Sequential, and convert keeps the modes.
+    survey = AttentionLayer(8, 4, 6).double().train()
+    for i in frozen:
+        survey[i].eval()
+    survey, fused = _mtan_pair(survey, backend)
+    assert [m.training for m in fused] == [m.training for m in survey]
+    for _ in range(2):
+        _assert_mtan_step_equal(survey, fused)
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mtan_attention_batch_norm_configurations(backend, train):
+    # BNs without running statistics or without affine convert and run as the survey's do.
+    survey = AttentionLayer(8, 4, 6).double()
+    survey[1] = torch.nn.BatchNorm2d(4, track_running_stats=False).double()
+    survey[4] = torch.nn.BatchNorm2d(6, eps=1e-3, momentum=None, affine=False).double()
+    survey, fused = _mtan_pair(survey.train(train), backend)
+    for _ in range(2):
+        _assert_mtan_step_equal(survey, fused)
 
 
 def test_mtan_convert_and_bad_input():
@@ -134,3 +172,10 @@ def test_distillation_bad_input():
         fused({"a": torch.randn(1, 4, 3, 3)})
     with pytest.raises(ValueError, match=r"features\['b'\] has 3 channels, expected 4"):
         fused({"a": torch.randn(1, 4, 3, 3), "b": torch.randn(1, 3, 3, 3)})
+    a = torch.randn(1, 4, 3, 3)
+    for b in (torch.randn(1, 4, 3, 4), torch.randn(2, 4, 3, 3), a.double()):
+        with pytest.raises(ValueError, match=r"features\['b'\] is .* but features\['a'\] is .*must share shape"):
+            fused({"a": a, "b": b})
+    survey_keys = mk.nn.MultiModalDistillation(["a", "b"], ["a", "b"], 4, key_format="features_{}")
+    with pytest.raises(KeyError, match=r"features lack \['features_b'\]"):
+        survey_keys({"features_a": a, "b": a})

@@ -284,6 +284,8 @@ def test_bad_input():
         gate_sum(res, feats, gates[:1], targets, 2)
     with pytest.raises(ValueError, match=r"targets\[0\] = 5 is not an output index"):
         gate_sum(res, feats, gates, [5] + targets[1:], 2)
+    with pytest.raises(TypeError, match=r"targets\[1\] must be an int \(an output index\), got 0.5"):
+        gate_sum(res, feats, gates, [targets[0], 0.5, *targets[2:]], 2)
     with pytest.raises(ValueError, match="num_outputs is required"):
         gate_sum(None, feats, gates, targets)
     with pytest.raises(ValueError, match=r"gates\[1\] has shape"):

@@ -236,6 +236,12 @@ def test_nan_propagates_like_the_reference(device, backend, training):
     refs = nddr(xs, *params.values(), *stats.values(), training, backend="reference")
     for y, r in zip(ys, refs):
         assert torch.equal(y.isnan(), r.isnan())
+    # and the backward: F.relu passes the gradient of a NaN output (its mask is not y <= 0)
+    g = [torch.randn_like(y) for y in ys]
+    leaves = [*xs, *params.values()]
+    for a, b in zip(torch.autograd.grad(ys, leaves, g), torch.autograd.grad(refs, leaves, g)):
+        assert torch.equal(a.isnan(), b.isnan())
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-4, atol=1e-4)
 
 
 class SurveyNDDRNet(torch.nn.Module):
@@ -298,3 +304,9 @@ def test_bad_features_and_params():
         )
     with pytest.raises(ValueError, match="momentum must be in"):
         mk.nn.NDDR(["a"], 4, momentum=2.0)
+    with pytest.raises(TypeError, match="momentum must be a number, got None"):
+        mk.nn.NDDR(["a"], 4, momentum=None)
+    with pytest.raises(ValueError, match="eps must be positive"):
+        mk.nn.NDDR(["a"], 4, eps=0.0)
+    with pytest.raises(ValueError, match=r"features\['b'\] is .* but features\['a'\] is"):
+        unit({"a": torch.randn(2, 4, 3, 3), "b": torch.randn(2, 4, 3, 3).double()})

@@ -211,7 +211,7 @@ struct CpuKernels {
                          const scalar_t *zr = zp + zo, *g = gy[t] + yo;
                          auto term = [&](int64_t i, acc_t& d, acc_t& dz) {
                            const acc_t zi = static_cast<acc_t>(zr[i]);
-                           d = keep_if(zi * chan<Kind>(sc, k0, i) + chan<Kind>(sh, k0, i) > 0, static_cast<acc_t>(g[i]));
+                           d = keep_if(!(zi * chan<Kind>(sc, k0, i) + chan<Kind>(sh, k0, i) <= 0), static_cast<acc_t>(g[i]));
                            dz = d * (zi - chan<Kind>(mu, k0, i));
                          };
                          if constexpr (Kind::value) {  // one sum per channel: independent, vectorises
@@ -269,7 +269,7 @@ struct CpuKernels {
           scalar_t* d = dzp + zo;
           for (int64_t i = 0; i < n; ++i) {
             const acc_t zi = static_cast<acc_t>(zr[i]), scale_i = chan<Kind>(sc, k0, i);
-            const acc_t dy = keep_if(zi * scale_i + chan<Kind>(sh, k0, i) > 0, static_cast<acc_t>(g[i]));
+            const acc_t dy = keep_if(!(zi * scale_i + chan<Kind>(sh, k0, i) <= 0), static_cast<acc_t>(g[i]));
             d[i] = static_cast<scalar_t>(dy * scale_i + zi * chan<Kind>(ap, k0, i) + chan<Kind>(bp, k0, i));
           }
         });
@@ -288,7 +288,8 @@ struct CpuKernels {
         for_segments(s, r0, r1, [&](auto, int64_t zo, int64_t t, int64_t yo, int64_t, int64_t n) {
           const scalar_t *g = gy[t] + yo, *yt = y[t] + yo;
           scalar_t* d = dzp + zo;
-          for (int64_t i = 0; i < n; ++i) d[i] = keep_if(yt[i] > scalar_t(0), g[i]);
+          // !(y <= 0), not y > 0: a NaN output passes its gradient, as F.relu's backward does
+          for (int64_t i = 0; i < n; ++i) d[i] = keep_if(!(yt[i] <= scalar_t(0)), g[i]);
         });
       });
     });

@@ -255,12 +255,13 @@ struct AffineReluOp {
   }
 };
 
-// dy' = dy where the forward's z * scale + shift > 0, else 0 (a select, so an
+// dy' = 0 where the forward's z * scale + shift <= 0, else dy (NaN passes dy, as
+// F.relu's backward; a select, so an
 // inf/NaN gradient under a closed mask gives 0, as in the reference). The mask
 // is computed by the same expression as in AffineReluOp, so it matches ys.
 template <typename acc_t>
 __device__ __forceinline__ acc_t masked(acc_t g, acc_t z, acc_t scale, acc_t shift) {
-  return z * scale + shift > acc_t(0) ? g : acc_t(0);
+  return z * scale + shift <= acc_t(0) ? acc_t(0) : g;
 }
 
 template <typename scalar_t, int VEC>
@@ -371,7 +372,7 @@ struct ReluGradOp {
     PackT out;
 #pragma unroll
     for (int i = 0; i < VEC; ++i)
-      out.v[i] = static_cast<acc_t>(in.y.v[i]) > acc_t(0) ? in.g.v[i] : static_cast<scalar_t>(0);
+      out.v[i] = static_cast<acc_t>(in.y.v[i]) <= acc_t(0) ? static_cast<scalar_t>(0) : in.g.v[i];
     store_pack<VEC>(dz, zi, out);
   }
 };

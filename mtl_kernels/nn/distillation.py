@@ -57,7 +57,11 @@ class MultiModalDistillation(nn.Module):
         if self.key_format == "{}":
             xs = check_task_features(features, self.auxiliary_tasks, self.channels, "MultiModalDistillation")
         else:
-            picked = {a: features[self.key_format.format(a)] for a in self.auxiliary_tasks}
+            keys = {a: self.key_format.format(a) for a in self.auxiliary_tasks}
+            absent = [k for k in keys.values() if k not in features]
+            if absent:
+                raise KeyError(f"MultiModalDistillation: features lack {absent}; expected keys {list(keys.values())}")
+            picked = {a: features[k] for a, k in keys.items()}
             xs = check_task_features(picked, self.auxiliary_tasks, self.channels, "MultiModalDistillation")
         x_of = dict(zip(self.auxiliary_tasks, xs))
         residuals = [x_of[t] for t in self.tasks]
@@ -161,7 +165,9 @@ class MTANAttention(nn.Sequential):
 
     def forward(self, x: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         conv1, bn1, _, conv2, bn2, _ = self
-        if self.training:
+        # Each BN by its own mode, as in the survey's nn.Sequential: a BN frozen in a training
+        # model (fine-tuning) keeps its running statistics.
+        if _batch_statistics(bn1):
             z = conv2(F.relu(bn1(conv1(x))))
         else:
             w, b = _fold(conv1, bn1)
@@ -172,23 +178,48 @@ class MTANAttention(nn.Sequential):
             raise ValueError(
                 f"MTANAttention: features have shape {tuple(features.shape)}, expected the mask's {tuple(z.shape)}"
             )
-        if self.training:
+        if _batch_statistics(bn2):
             # Normalise with PyTorch's own batch norm, without its affine (its
             # statistics pass ran 3x faster than torch.var_mean over (0, 2, 3)
             # on the CPU, and it updates the running statistics exactly); the
             # affine, the sigmoid and the product are the fused pass.
-            bn2.num_batches_tracked.add_(1)  # as nn.BatchNorm2d counts and averages
-            m = bn2.momentum if bn2.momentum is not None else 1.0 / float(bn2.num_batches_tracked)
-            z = F.batch_norm(z, bn2.running_mean, bn2.running_var, None, None, True, m, bn2.eps)
+            z = _normalise_like(bn2, z)
             scale, shift = bn2.weight, bn2.bias
         else:
-            scale = bn2.weight * torch.rsqrt(bn2.running_var + bn2.eps)
-            shift = bn2.bias - bn2.running_mean * scale
+            scale, shift = _eval_affine(bn2)
         return gate_sum(None, [features], [z.to(features.dtype)], [0], 1, scale, shift, backend=self.backend)[0]
+
+
+def _batch_statistics(bn: nn.BatchNorm2d) -> bool:
+    """Whether bn normalises with the batch's statistics (as nn.BatchNorm2d decides)."""
+    return bn.training or bn.running_mean is None
+
+
+def _normalise_like(bn: nn.BatchNorm2d, z: torch.Tensor) -> torch.Tensor:
+    """bn(z) without its affine, in batch-statistics mode, updating what bn would update."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)  # as nn.BatchNorm2d counts and averages
+        if bn.momentum is None:
+            factor = 1.0 / float(bn.num_batches_tracked)
+    track = not bn.training or bn.track_running_stats
+    mean, var = (bn.running_mean, bn.running_var) if track else (None, None)
+    return F.batch_norm(z, mean, var, None, None, True, factor, bn.eps)
+
+
+def _eval_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) with bn(z) = z * scale + shift per channel, from the running statistics."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = bn.weight * scale
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
 
 
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """conv followed by an eval-mode BN, as one conv's weight and bias."""
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    scale, shift = _eval_affine(bn)
     bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    return conv.weight * scale.view(-1, 1, 1, 1), (bias - bn.running_mean) * scale + bn.bias
+    return conv.weight * scale.view(-1, 1, 1, 1), bias * scale + shift

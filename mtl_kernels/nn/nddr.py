@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
@@ -50,8 +52,16 @@ class NDDR(nn.Module):
         self.tasks = check_tasks(tasks, "NDDR")
         if not isinstance(channels, int) or channels < 1:
             raise ValueError(f"NDDR: channels must be a positive int, got {channels!r}")
+        for name, v in (("momentum", momentum), ("eps", eps)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise TypeError(
+                    f"NDDR: {name} must be a number, got {v!r} (momentum=None, BN's cumulative "
+                    "average, is not supported: the survey's NDDR uses 0.05)"
+                )
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"NDDR: momentum must be in [0, 1], got {momentum!r}")
+        if not eps > 0:
+            raise ValueError(f"NDDR: eps must be positive, got {eps!r}")
         self.channels, self.momentum, self.eps, self.backend = channels, momentum, eps, backend
         T = len(self.tasks)
         self.weight = nn.Parameter(nddr_init_weight(T, channels, alpha, beta))

@@ -32,8 +32,17 @@ def check_task_features(features, tasks: list[str], channels: int, module: str) 
             raise ValueError(f"{module}: features[{t!r}] must be a 4-D tensor [B, C, H, W], got {_describe(x)}")
         if x.shape[1] != channels:
             raise ValueError(f"{module}: features[{t!r}] has {x.shape[1]} channels, expected {channels}")
+        if xs and (x.shape, x.dtype, x.device) != (xs[0].shape, xs[0].dtype, xs[0].device):
+            raise ValueError(
+                f"{module}: features[{t!r}] is {_describe_fully(x)} but features[{tasks[0]!r}] is "
+                f"{_describe_fully(xs[0])}; every task's features must share shape, dtype and device"
+            )
         xs.append(x)
     return xs
+
+
+def _describe_fully(x: torch.Tensor) -> str:
+    return f"{tuple(x.shape)} {x.dtype} on {x.device}"
 
 
 def _describe(x) -> str:

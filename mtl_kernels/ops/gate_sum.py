@@ -13,6 +13,7 @@ any other layout is copied once.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -43,7 +44,11 @@ def gate_sum(
     num_outputs: defaults to len(residuals); scale, shift: [C] or None.
     """
     residuals = list(residuals or [])
-    feats, gates, targets = list(feats), list(gates), [int(t) for t in targets]
+    feats, gates, targets = list(feats), list(gates), list(targets)
+    for i, t in enumerate(targets):  # int(0.5) would silently pick output 0
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+            raise TypeError(f"gate_sum: targets[{i}] must be an int (an output index), got {t!r}")
+    targets = [int(t) for t in targets]
     if num_outputs is None:
         if not residuals:
             raise ValueError("gate_sum: num_outputs is required when there are no residuals")

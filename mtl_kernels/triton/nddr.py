@@ -124,11 +124,11 @@ def _dz_tile(
         sh = tl.load(shift + k, mask=co_mask, other=0.0)[:, None]
         av = tl.load(a + k, mask=co_mask, other=0.0)[:, None]
         bv = tl.load(bb + k, mask=co_mask, other=0.0)[:, None]
-        dy = tl.where(zt * sc + sh > 0, gy, 0.0)
+        dy = tl.where(zt * sc + sh <= 0, 0.0, gy)
         dz = tl.where(m, dy * sc + zt * av + bv, 0.0)
     else:
         yt = tl.load(zy_ptr + b * sxB + co[:, None] * sxC + r[None, :] * sxR, mask=m, other=0.0).to(ACC)
-        dz = tl.where(yt > 0, gy, 0.0)
+        dz = tl.where(yt <= 0, 0.0, gy)  # not yt > 0: a NaN output passes dy, as F.relu's backward
     return dz.to(DT)
 
 
@@ -260,7 +260,7 @@ def _relu_sums_kernel(
             k = t * C + c
             zt = tl.load(z + b * szB + k[:, None] * szC + r[None, :] * szR, mask=m, other=0.0).to(ACC)
             gy = tl.load(grad_ys[t] + offs_y, mask=m, other=0.0).to(ACC)
-            dy = tl.where(m & (zt * sc[t] + sh[t] > 0), gy, 0.0)
+            dy = tl.where(m, tl.where(zt * sc[t] + sh[t] <= 0, 0.0, gy), 0.0)  # NaN passes, as F.relu's
             n1 = n1 + (s1[t] + tl.sum(dy, axis=1),)
             n2 = n2 + (s2[t] + tl.sum(dy * (zt - mu[t]), axis=1),)
         s1 = n1
