@@ -223,8 +223,49 @@ def test_backbones():
     assert mk.models.build_backbone("resnet50").channels == [256, 512, 1024, 2048]
     hrnet = mk.models.build_backbone("hrnet_w18_small_v2")
     assert hrnet.channels == [18, 36, 72, 144] and hrnet.reductions == [4, 8, 16, 32]
-    with pytest.raises(ValueError, match="multiples of 32"):
-        hrnet(torch.randn(1, 3, 32, 40))
+    # any size, as the survey's HRNet: every stride-2 conv rounds up, the fuse resizes to the finer branch
+    feats = hrnet(torch.randn(2, 3, 64, 80))
+    assert [tuple(f.shape[1:]) for f in feats] == [(18, 16, 20), (36, 8, 10), (72, 4, 5), (144, 2, 3)]
+
+
+def test_hrnet_fuse_is_the_surveys():
+    """With sides that are multiples of 32 the backbone is timm's HRNet, same weights and state_dict
+    keys, with the survey's bilinear upsampling in the fuse layers (timm's own is nearest)."""
+    import timm
+
+    hrnet = mk.models.build_backbone("hrnet_w18_small_v2").eval()
+    plain = timm.create_model(
+        "hrnet_w18_small_v2", features_only=True, feature_location="", out_indices=(1, 2, 3, 4)
+    ).eval()
+    plain.load_state_dict(hrnet.body.state_dict())
+    ups = [m for m in plain.modules() if isinstance(m, torch.nn.Upsample)]
+    assert ups and all(m.mode == "nearest" for m in ups)
+    for m in ups:
+        m.mode = "bilinear"  # align_corners None: False, as the survey's F.interpolate(mode="bilinear")
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        for got, expected in zip(hrnet(x), plain(x)):
+            torch.testing.assert_close(got, expected)
+
+
+def test_pad_net_follows_the_survey_on_hrnet():
+    """The survey's PAD-Net on HRNet: HighResolutionFuse keeps all 270 channels (1x1 conv with bias,
+    BN, ReLU); each initial head's first bottleneck reduces 270 -> 256 through a 1x1 conv + BN
+    shortcut, the second has none; the final heads and the distillation run at 256."""
+    model = mk.models.build("pad_net", ["semseg", "depth"], num_classes=40, auxiliary_tasks=["normals", "edge"])
+    conv, bn, _ = model.fuse.last_layer
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.bias is not None) == (270, 270, (1, 1), True)
+    assert bn.num_features == 270 and model.fuse.out_channels == 270
+    for t in ("semseg", "depth", "normals", "edge"):
+        first, second = model.initial_task_prediction_heads.layers[t]
+        assert (first.conv1.in_channels, first.conv1.out_channels, first.conv3.out_channels) == (270, 64, 256)
+        shortcut, shortcut_bn = first.downsample
+        assert (shortcut.in_channels, shortcut.out_channels, shortcut.bias) == (270, 256, None)
+        assert shortcut_bn.num_features == 256 and second.downsample is None
+    keys = model.state_dict().keys()
+    assert {"fuse.last_layer.0.weight", "fuse.last_layer.0.bias", "fuse.last_layer.1.running_mean"} <= keys
+    assert "initial_task_prediction_heads.layers.semseg.0.downsample.0.weight" in keys
+    assert model.heads["semseg"][0].conv1.in_channels == 256 and model.heads["semseg"][0].downsample is None
 
 
 def test_heads():
@@ -237,6 +278,44 @@ def test_heads():
     hr = mk.models.HRNetHead([4, 6, 8, 10], 3)
     xs = [torch.randn(2, c, 16 // 2**i, 16 // 2**i) for i, c in enumerate([4, 6, 8, 10])]
     assert hr(xs).shape == (2, 3, 16, 16)
+
+
+# the final predictions' stride with upsample=False: DeepLab-v3 at output stride 8; the HRNet head,
+# PAD-Net's and JTRL's at the finest scale (4)
+HEAD_STRIDE = {"pad_net": 4, "mti_net": 4, "jtrl": 4}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_upsample_false_returns_the_heads_resolution(name):
+    """upsample=False leaves the final predictions at the head's resolution; upsample=True is exactly
+    their bilinear resize to the input size (eval mode: no dropout, the same running statistics)."""
+    model = build(name, "nyud", upsample=False).eval()
+    x = image(model)
+    stride = HEAD_STRIDE.get(name, 8)
+    with torch.no_grad():
+        low = model(x)
+        model.upsample = True
+        full = model(x)
+    for t, y in finals(low).items():
+        assert y.shape[-2:] == (x.shape[-2] // stride, x.shape[-1] // stride), (t, y.shape)
+        torch.testing.assert_close(full[t], mk.models.layers.upsample(y, x.shape[-2:]), msg=t)
+    for stage, preds in low.get(DEEP_SUPERVISION, {}).items():  # untouched by the option
+        for t, y in preds.items():
+            torch.testing.assert_close(y, full[DEEP_SUPERVISION][stage][t], msg=f"{stage}/{t}")
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_bad_backend_is_an_error_at_build(name):
+    """Every model, with fused modules or none, rejects an unknown backend when built, with the ops' message."""
+    with pytest.raises(ValueError) as from_op:
+        mk.ops.cross_stitch([torch.zeros(1, 1, 1, 1)] * 2, torch.ones(2, 2, 1), backend="cdua")
+    with pytest.raises(ValueError) as from_build:
+        build(name, "nyud", backend="cdua")
+    assert str(from_build.value) == str(from_op.value)
+    assert "backend must be one of auto, reference, cpu, cuda, triton, got 'cdua'" in str(from_build.value)
+    model = build(name, "nyud", backend="reference")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        mk.models.set_backend(model, "cdua")
 
 
 def test_output_channels_table():

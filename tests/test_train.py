@@ -77,6 +77,31 @@ def test_configs_cover_every_model_and_dataset():
             {"name": "x", "model": {"name": "multi_task", "memory_format": "nhwc"}, "data": {"tasks": ["depth"]}},
             "model.memory_format",
         ),
+        # a batch of one: the ASPP pooling branch's BatchNorm sees one value per channel
+        (
+            {"name": "x", "model": {"name": "multi_task"}, "data": {"tasks": ["depth"], "batch_size": 1}},
+            r"data.batch_size must be >= 2 for training.*image-pooling.*survey's code has the same limit",
+        ),
+        (
+            {
+                "name": "x",
+                "model": {"name": "jtrl"},
+                "data": {"tasks": ["semseg", "depth"], "dataset": "pascal", "root": "/d"},
+            },
+            r"tasks of the pascal dataset \['semseg', 'human_parts', 'normals', 'sal', 'edge'\]; it has no \['depth'\]",
+        ),
+        (
+            {
+                "name": "x",
+                "model": {"name": "pad_net", "auxiliary_tasks": ["sal"]},
+                "data": {"tasks": ["depth"], "dataset": "nyud", "root": "/d"},
+            },
+            r"it has no \['sal'\]",
+        ),
+        (
+            {"name": "x", "model": {"name": "pad_net", "auxiliary_tasks": "edge"}, "data": {"tasks": ["depth"]}},
+            "model.auxiliary_tasks must be a list",
+        ),
     ],
 )
 def test_a_broken_config_names_the_key(raw, match):

@@ -15,7 +15,8 @@ Models (MODELS; default backbone in brackets):
     pad_net        initial predictions, mk.nn.MultiModalDistillation, final heads [hrnet_w18_small_v2]
     mti_net        per-scale predictions, FPM, distillation at each of 4 scales [hrnet_w18_small_v2]
     jtrl           tasks refined in turn at increasing scales (simplified) [resnet18]
-Backbones (BACKBONES): resnet18, resnet50 (dilated, output stride 8), hrnet_w18_small_v2.
+Backbones (BACKBONES): resnet18, resnet50 (dilated, output stride 8), hrnet_w18_small_v2 (any input
+size, as the survey's HRNet: its fuse layers resize bilinearly to the finer branch's size).
 Heads: DeepLab-v3 ASPP on a ResNet, the HRNet head on HRNet.
 
 Every model takes backend= for its fused modules ("reference": their plain
@@ -32,8 +33,8 @@ import torch
 from torch import nn
 
 from ..nn.tasks import TASK_OUTPUTS, check_tasks, output_channels
-from ._base import DEEP_SUPERVISION, MultiTaskModel, set_backend
-from .backbones import BACKBONES, Backbone, HRNetBackbone, ResNetBackbone, build_backbone, check_backbone
+from ._base import DEEP_SUPERVISION, MultiTaskModel, check_backend_name, set_backend
+from .backbones import BACKBONES, Backbone, HRNetBackbone, HRNetFuse, ResNetBackbone, build_backbone, check_backbone
 from .cross_stitch import CrossStitchNetwork
 from .heads import ASPP, DeepLabHead, HighResolutionFuse, HRNetHead, build_head
 from .jtrl import JTRL
@@ -83,8 +84,9 @@ def build(
         give the images in it too. torch.contiguous_format ("contiguous"): NCHW.
     kwargs: the model's own options (alpha=, beta=, channels=, head_kwargs=,
         backbone_kwargs=, upsample=, survey_modules=, ...).
-    Unknown model, backbone or task names raise a ValueError listing the valid ones.
+    Unknown model, backbone, task or backend names raise a ValueError listing the valid ones.
     """
+    check_backend_name(backend)  # before anything is built, with the message the ops give
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid models are {list(MODELS)}")
     cls = MODELS[name]
@@ -134,6 +136,7 @@ __all__ = [
     "CrossStitchNetwork",
     "DeepLabHead",
     "HRNetBackbone",
+    "HRNetFuse",
     "HRNetHead",
     "HighResolutionFuse",
     "MTINet",
@@ -146,6 +149,7 @@ __all__ = [
     "build_backbone",
     "build_head",
     "check_backbone",
+    "check_backend_name",
     "check_memory_format",
     "num_parameters",
     "output_channels",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._backend import _check_name
 from ..nn import NDDR, CrossStitch, MTANAttention, MultiModalDistillation
 from .backbones import RESNETS, build_backbone, check_backbone
 from .heads import build_head
@@ -17,8 +18,18 @@ DEEP_SUPERVISION = "deep_supervision"
 FUSED_MODULES = (CrossStitch, NDDR, MultiModalDistillation, MTANAttention)
 
 
+def check_backend_name(backend: str | None) -> str | None:
+    """None (the process default) or a backend name, checked now with the ops' own message: a model
+    without fused modules (single_task, multi_task) would never check it, the others only at the
+    first forward."""
+    if backend is not None:
+        _check_name(backend)
+    return backend
+
+
 def set_backend(model: nn.Module, backend: str | None) -> nn.Module:
     """Make every fused module in `model` run on `backend` (None: the process default); returns model."""
+    check_backend_name(backend)
     for m in model.modules():
         if isinstance(m, FUSED_MODULES) or isinstance(m, MultiTaskModel):
             m.backend = backend
@@ -52,7 +63,7 @@ class MultiTaskModel(nn.Module):
         super().__init__()
         self.out_channels = dict(out_channels)
         self.tasks = list(self.out_channels)
-        self.backend = backend
+        self.backend = check_backend_name(backend)
         self.upsample = upsample
 
     @classmethod

@@ -12,7 +12,12 @@ weights (internet or a local Hugging Face cache needed).
                           run them stage by stage: stem + layer1 is stage 0.
     hrnet_w18_small_v2    the four raw HRNet branches, as the survey uses them:
                           18, 36, 72, 144 channels at strides 4, 8, 16, 32.
-                          Input sides must be multiples of 32.
+                          Any input size runs, as in the survey's HRNet: its
+                          fuse layers resize a coarser branch to the finer
+                          one's size (bilinear), where timm's upsample by a
+                          fixed 2^k (nearest) needs sides that are multiples
+                          of 32; every stride-2 conv rounds up (80 wide:
+                          20, 10, 5, 3).
 
 kwargs go to timm.create_model, e.g. channels=(8, 16, 32, 64), stem_width=8 for
 a narrow ResNet in tests.
@@ -22,6 +27,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .layers import upsample
 
 RESNETS = ("resnet18", "resnet50")
 HRNETS = ("hrnet_w18_small_v2",)
@@ -100,8 +107,44 @@ class ResNetBackbone(Backbone):
         return feats
 
 
+class HRNetFuse(nn.Module):
+    """One of timm's HighResolutionModules (its branches, then the exchange between them) with
+    the survey's fuse: a coarser branch j, after its 1x1 conv and BN, is resized bilinearly
+    to branch i's size, as the survey's seg_hrnet does, instead of timm's nearest upsampling
+    by 2^(j-i), which only fits when every halving is exact (input sides multiples of 32).
+    It takes over the module's children, so the state_dict keys (and timm's pretrained
+    weights) stay the same."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.num_branches = module.num_branches
+        self.branches = module.branches
+        self.fuse_layers = module.fuse_layers
+        self.fuse_act = module.fuse_act
+        if self.num_branches > 1:
+            for i, row in enumerate(self.fuse_layers):
+                for j in range(i + 1, len(row)):
+                    if not isinstance(row[j][-1], nn.Upsample):  # a timm whose layout this does not know
+                        raise RuntimeError(f"HRNetFuse: expected timm's Upsample at the end of fuse layer {i}.{j}")
+                    row[j][-1] = nn.Identity()  # forward resizes to the finer branch's size instead
+
+    def forward(self, x: list[torch.Tensor]) -> list[torch.Tensor]:
+        x = [branch(xi) for branch, xi in zip(self.branches, x)]
+        if self.num_branches == 1:
+            return x
+        out = []
+        for i, row in enumerate(self.fuse_layers):
+            size = x[i].shape[-2:]
+            y = None
+            for j, f in enumerate(row):  # the sum in timm's (and the survey's) order
+                z = upsample(f(x[j]), size) if j > i else f(x[j])
+                y = z if y is None else y + z
+            out.append(self.fuse_act(y))
+        return out
+
+
 class HRNetBackbone(Backbone):
-    """timm's HRNet with its four raw branches (feature_location='')."""
+    """timm's HRNet with its four raw branches (feature_location=''), the survey's fuse (HRNetFuse)."""
 
     kind = "hrnet"
 
@@ -112,14 +155,17 @@ class HRNetBackbone(Backbone):
         self.body = _timm().create_model(
             name, pretrained=pretrained, features_only=True, feature_location="", out_indices=(1, 2, 3, 4), **kwargs
         )
+        from timm.models.hrnet import HighResolutionModule
+
+        for path, module in list(self.body.named_modules()):
+            if isinstance(module, HighResolutionModule):
+                parent, _, key = path.rpartition(".")
+                setattr(self.body.get_submodule(parent), key, HRNetFuse(module))
         self.name = name
         self.channels = list(self.body.feature_info.channels())
         self.reductions = list(self.body.feature_info.reduction())
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        H, W = x.shape[-2:]
-        if H % 32 or W % 32:
-            raise ValueError(f"{self.name}: input height and width must be multiples of 32, got {H} x {W}")
         return list(self.body(x))
 
 

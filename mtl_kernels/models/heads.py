@@ -98,22 +98,27 @@ class HRNetHead(nn.Module):
 
 
 class HighResolutionFuse(nn.Module):
-    """HRNet's scales fused into one map (what the survey's PAD-Net reads from HRNet):
-    upsample all to the largest, concatenate, 1x1 conv -> out_channels, BN, ReLU."""
+    """HRNet's scales fused into one map, as the survey's HighResolutionFuse (what its PAD-Net
+    reads from HRNet): upsample all to the largest, concatenate, 1x1 conv (with bias) keeping
+    every channel (sum(in_channels): 270 on HRNet-W18), BN, ReLU. out_channels = sum(in_channels);
+    PAD-Net's first bottleneck reduces it to its own width."""
 
-    def __init__(self, in_channels, out_channels: int = 256):
+    def __init__(self, in_channels):
         super().__init__()
         self.in_channels = list(in_channels)
-        self.fuse = nn.Sequential(
-            nn.Conv2d(sum(self.in_channels), out_channels, 1, bias=False),
-            nn.BatchNorm2d(out_channels),
+        self.out_channels = total = sum(self.in_channels)
+        self.last_layer = nn.Sequential(
+            nn.Conv2d(total, total, 1),
+            nn.BatchNorm2d(total),
             nn.ReLU(inplace=True),
         )
 
     def forward(self, features) -> torch.Tensor:
         xs = _as_list(features)
+        if len(xs) != len(self.in_channels):
+            raise ValueError(f"HighResolutionFuse: expected {len(self.in_channels)} feature maps, got {len(xs)}")
         size = xs[0].shape[-2:]
-        return self.fuse(torch.cat([xs[0]] + [upsample(x, size) for x in xs[1:]], dim=1))
+        return self.last_layer(torch.cat([xs[0]] + [upsample(x, size) for x in xs[1:]], dim=1))
 
 
 def build_head(backbone, out_channels: int, **kwargs) -> nn.Module:

@@ -13,7 +13,8 @@ from .layers import Bottleneck
 
 
 class InitialTaskPrediction(nn.Module):
-    """Per auxiliary task: two bottlenecks (-> channels), then a 1x1 conv to the task's outputs.
+    """Per auxiliary task: two bottlenecks (-> channels; the first with a 1x1 conv + BN shortcut
+    when in_channels differs, the survey's downsample), then a 1x1 conv to the task's outputs.
 
     forward(x) -> {"features_<task>": features, <task>: initial prediction}, the survey's dict.
     """
@@ -37,11 +38,13 @@ class InitialTaskPrediction(nn.Module):
 class PADNet(MultiTaskModel):
     """Prediction-and-distillation network.
 
-    backbone -> one feature map (HRNet: its scales fused by HighResolutionFuse
-    to `channels`, as the survey; ResNet: the last stage) -> initial
-    predictions of every auxiliary task (two bottlenecks + 1x1 conv each) ->
-    multi-modal distillation of the auxiliary tasks' features into the main
-    tasks' -> final heads (two bottlenecks + 1x1 conv) per main task.
+    backbone -> one feature map (HRNet: its scales fused by HighResolutionFuse,
+    which keeps all 270 channels, as the survey; ResNet: the last stage) ->
+    initial predictions of every auxiliary task (two bottlenecks + 1x1 conv
+    each; the first reduces the feature map to `channels` through a 1x1 conv +
+    BN shortcut, as the survey's) -> multi-modal distillation of the auxiliary
+    tasks' features into the main tasks' -> final heads (two bottlenecks +
+    1x1 conv) per main task.
 
     auxiliary: {task: output channels} of the extra auxiliary tasks (NYUD:
     normals, edge); the main tasks are auxiliary tasks too, first.
@@ -78,8 +81,8 @@ class PADNet(MultiTaskModel):
         aux_channels = self.with_auxiliary(auxiliary)
         self.backbone = self.make_backbone(backbone, pretrained, backbone_kwargs)
         if self.backbone.kind == "hrnet":
-            self.fuse = HighResolutionFuse(self.backbone.channels, channels)
-            in_channels = channels
+            self.fuse = HighResolutionFuse(self.backbone.channels)
+            in_channels = self.fuse.out_channels
         else:
             self.fuse = None
             in_channels = self.backbone.channels[-1]

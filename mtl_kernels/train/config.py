@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from ..data import NYUD_TASKS, PASCAL_TASKS, SCENES_TASKS
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used: the message names the key and what was expected."""
@@ -74,6 +76,9 @@ DEFAULTS: dict[str, Any] = {
     "num_images": 4,  # images in the prediction grid
 }
 
+# The targets each dataset has: a task outside them could never be trained or evaluated.
+DATASET_TASKS = {"scenes": SCENES_TASKS, "nyud": NYUD_TASKS, "pascal": PASCAL_TASKS}
+
 CHOICES = {
     ("data", "dataset"): ("scenes", "nyud", "pascal"),
     ("optimizer", "name"): ("adam", "sgd"),
@@ -124,6 +129,25 @@ def _check(cfg: dict) -> dict:
     for key in ("batch_size", "train_length", "val_length"):
         if not isinstance(cfg["data"][key], int) or cfg["data"][key] < 1:
             raise ConfigError(f"config: data.{key} must be an int >= 1, got {cfg['data'][key]!r}")
+    if cfg["data"]["batch_size"] < 2:
+        raise ConfigError(
+            "config: data.batch_size must be >= 2 for training, got 1: BatchNorm in training mode normalises "
+            "each channel over the batch, and the DeepLab-v3 head's image-pooling branch (ASPP) has one value "
+            "per channel and image, so a batch of one cannot be normalised (PyTorch's 'Expected more than 1 "
+            "value per channel when training'); the survey's code has the same limit. Under torchrun it is "
+            "the batch of each process."
+        )
+    auxiliary = cfg["model"]["auxiliary_tasks"]
+    if auxiliary is not None and not isinstance(auxiliary, list):
+        raise ConfigError(f"config: model.auxiliary_tasks must be a list of task names or null, got {auxiliary!r}")
+    available = DATASET_TASKS[cfg["data"]["dataset"]]
+    wanted = [*tasks, *(auxiliary or [])]
+    missing = [t for t in wanted if t not in available]
+    if missing:
+        raise ConfigError(
+            f"config: data.tasks and model.auxiliary_tasks must be tasks of the {cfg['data']['dataset']} "
+            f"dataset {list(available)}; it has no {missing}"
+        )
     lr = cfg["optimizer"]["lr"]
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
         raise ConfigError(f"config: optimizer.lr must be a positive number, got {lr!r}")
