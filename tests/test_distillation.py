@@ -81,6 +81,51 @@ def test_distillation_compiles_fullgraph(backend):
     out, expected = compiled(x), fused(x)
     for t in tasks:
         torch.testing.assert_close(out[t], expected[t])
+    g = {t: torch.randn_like(out[t]) for t in tasks}  # and the backward through the compiled graph
+    got = torch.autograd.grad([out[t] for t in tasks], list(fused.parameters()), [g[t] for t in tasks])
+    want = torch.autograd.grad([expected[t] for t in tasks], list(fused.parameters()), [g[t] for t in tasks])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mtan_attention_compiles_fullgraph(backend, train):
+    fused = mk.nn.MTANAttention(8, 4, 6, backend=backend).train(train)
+    twin = copy.deepcopy(fused)
+    x = torch.randn(2, 8, 5, 7, requires_grad=True)
+    u = torch.randn(2, 6, 5, 7, requires_grad=True)
+    out, expected = torch.compile(fused, fullgraph=True)(x, u), twin(x, u)
+    torch.testing.assert_close(out, expected)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, u, *fused.parameters()], g)
+    want = torch.autograd.grad(expected, [x, u, *twin.parameters()], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(fused.state_dict(), twin.state_dict())  # running statistics
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layouts_and_dtypes_against_the_survey(backend, layout, dtype):
+    # The survey's modules in float32 NCHW define the result; the fused ones take the same inputs
+    # in `layout` and `dtype` (bfloat16: its rounding, about 1e-2).
+    tol = dict(rtol=2e-2, atol=3e-2) if dtype == torch.bfloat16 else {}
+    tasks = ["semseg", "depth", "normals"]
+    survey = MultiTaskDistillationModule(tasks, tasks, 8)
+    fused = mk.convert(copy.deepcopy(survey), backend=backend).to(dtype)
+    x = {t: torch.randn(2, 8, 5, 6) for t in tasks}
+    xf = {f"features_{t}": v.to(dtype).contiguous(memory_format=layout) for t, v in x.items()}
+    out = fused(xf)
+    expected = survey({f"features_{t}": v.to(dtype).float() for t, v in x.items()})
+    for t in tasks:
+        torch.testing.assert_close(out[t].float(), expected[t], **tol)
+    attention = AttentionLayer(8, 4, 6)
+    mtan = mk.convert(copy.deepcopy(attention), backend=backend).to(dtype)
+    a, u = torch.randn(2, 8, 5, 7).to(dtype), torch.randn(2, 6, 5, 7).to(dtype)
+    out = mtan(a.contiguous(memory_format=layout), u.contiguous(memory_format=layout))
+    torch.testing.assert_close(out.float(), attention(a.float()) * u.float(), **tol)
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])  # None: BN's cumulative average
