@@ -4,9 +4,9 @@ shared-encoder multi-task network, per method, against equal weighting and a pee
     python benchmarks/balancing.py [--quick] [--no-save] [--device cpu|cuda]
 
 The network: a shared convolutional encoder and T one-layer heads with L2 losses. GPU: an encoder
-of about ResNet-50's size (25M parameters), B=8 at 128 x 128; CPU: a 2.4M-parameter encoder, B=4
-at 64 x 64 (a 2-core machine). Each row times forward + balancer step + SGD step ("forward" mode:
-the harness does no autograd of its own).
+of about ResNet-50's size (27.5M parameters), B=8 at 128 x 128; CPU: a 1.7M-parameter encoder
+(1,699,648), B=4 at 64 x 64 (a 2-core machine). Each row times forward + balancer step + SGD step
+("forward" mode: the harness does no autograd of its own).
 impls
   ew       mk.balancing.EW: total.backward()
   mgda, pcgrad, cagrad, imtlg, nash, aligned, upgrad

@@ -1,8 +1,9 @@
 """Gradient-level task balancing (mtl_kernels.balancing) against independent computations.
 
 The references below work on flattened float64 gradient vectors with numpy (fine in tests): grid
-searches over the simplex, direct loops and closed forms written from the papers, not from the
-package's [T, T] solvers. The models are tiny float64 MLPs: a shared trunk and one head per task.
+searches over the simplex, direct loops, closed forms written from the papers and SciPy's SLSQP (CAGrad's
+official solver), not the package's [T, T] solvers. The models are tiny float64 MLPs: a shared trunk and
+one head per task.
 """
 
 import itertools
@@ -301,6 +302,84 @@ def test_cagrad_with_c_zero_is_the_mean_gradient():
     tasks, net, x, y = setup(3)
     w = run(B.CAGrad(tasks, c=0.0), net, x, y, "params")
     np.testing.assert_allclose(w, np.full(3, 1 / 3), rtol=1e-12)
+
+
+def cagrad_dual_upper_bound(G, c, rng):
+    """An upper bound on min_{w in simplex} g_w . g0 + c ||g0|| ||g_w||: the best of SLSQP (the official
+    code's solver) from several starts, each answer clipped and renormalised onto the simplex, so that the
+    value is the dual objective at a feasible point. Solved on G / max |G| for SLSQP's tolerances."""
+    from scipy.optimize import minimize
+
+    T = len(G)
+    s = np.abs(G).max()
+    Gs = G / s
+    b = np.full(T, 1 / T)
+    phi = c * math.sqrt(max(b @ Gs @ b, 0))
+
+    def f(w):
+        return w @ Gs @ b + phi * math.sqrt(max(w @ Gs @ w, 0))
+
+    starts = [b, *(0.8 * np.eye(T)[i] + 0.2 / T for i in range(T)), *rng.dirichlet(np.ones(T), 4)]
+    best = math.inf
+    for x0 in starts:
+        r = minimize(
+            f,
+            x0,
+            method="SLSQP",
+            bounds=[(0, 1)] * T,
+            constraints=({"type": "eq", "fun": lambda x: 1 - x.sum()},),
+            options={"ftol": 1e-15, "maxiter": 2000},
+        )
+        x = np.clip(r.x, 0, None)
+        best = min(best, f(x / x.sum()))
+    return best * s
+
+
+def cagrad_hard_grams():
+    """The audit's 3-task Gram matrix (30 majorise-minimise steps stopped at 0.38 of the optimum's worst-task
+    improvement) and random ill-conditioned ones: nearly opposite, nearly parallel, rank-deficient, and norms
+    three orders of magnitude apart."""
+    yield np.array([[80.7164, -73.5511, 89.8329], [-73.5511, 67.1837, -74.6565], [89.8329, -74.6565, 676.6221]])
+    rng = np.random.default_rng(0)
+    for k in range(8):
+        T = 3 + k % 3
+        X = rng.standard_normal((T, 8)) * 10 ** rng.uniform(-1.5, 1.5, size=(T, 1))
+        if k % 4 == 0:
+            X[1] = -0.9 * X[0] + 0.05 * X[1]
+        elif k % 4 == 1:
+            X[1] = 1.3 * X[0] + 1e-4 * X[1]
+        elif k % 4 == 2:
+            X = rng.standard_normal((T, 2)) @ rng.standard_normal((2, 8))
+        yield X @ X.T
+
+
+@pytest.mark.parametrize("c", [0.4, 1.0])
+def test_cagrad_reaches_the_optimum(c):
+    """CAGrad's primal max_d min_t g_t . d over ||d - g0|| <= c ||g0|| equals its dual's minimum (strong
+    duality). The update d = (1 + c^2) sum_t w_t g_t of the default CAGrad is primal feasible, so
+    min_t g_t . d <= optimum <= the dual objective at any feasible w, e.g. SLSQP's: d is within 1e-4 of the
+    optimum once min_t g_t . d reaches that upper bound within 1e-4."""
+    rng = np.random.default_rng(1)
+    for G in cagrad_hard_grams():
+        T = len(G)
+        coef = B.CAGrad([f"t{i}" for i in range(T)], c=c).solve(torch.from_numpy(G), torch.ones(T, dtype=DT))
+        coef = coef.numpy() * (1 + c**2)  # undo the default rescale=1
+        b = np.full(T, 1 / T)
+        radius2 = c**2 * (b @ G @ b)
+        assert (coef - b) @ G @ (coef - b) <= radius2 * (1 + 1e-9) + 1e-15 * np.abs(G).max()  # d in the ball
+        primal = (G @ coef).min()
+        upper = cagrad_dual_upper_bound(G, c, rng)
+        assert primal <= upper + 1e-9 * np.abs(G).max()  # weak duality: a check on the check
+        assert primal >= upper - 1e-4 * abs(upper) - 1e-12 * np.abs(G).max(), (G, primal, upper)  # optimum 0: rounding
+
+
+def test_cagrad_on_the_audit_gram():
+    """The audit's matrix: the converged dual is w = [0.4244, 0.5756, 0] (SLSQP agrees), weights
+    [1.685, 2.183, 0.287] with rescale=1 and min_t g_t . d = 1.268; 30 MM steps gave 0.482."""
+    G = torch.tensor(next(cagrad_hard_grams()), dtype=DT)
+    w = B.CAGrad(list("abc")).solve(G, torch.ones(3, dtype=DT))
+    np.testing.assert_allclose(w.numpy(), [1.6849, 2.1827, 0.2874], atol=1e-4)
+    assert float((G @ w).min()) == pytest.approx(1.2676, abs=1e-4)
 
 
 @pytest.mark.parametrize("mode", ["params", "repr"])
@@ -652,6 +731,10 @@ def test_bad_inputs_raise_clear_errors():
         bal.backward(losses, shared_params=[frozen])
     with pytest.raises(ValueError, match=r"shared_repr\[0\] does not require grad"):
         bal.backward(losses, shared_repr=z.detach())
+    z_params = nn.Linear(8, 8, dtype=DT)(z)  # an activation passed as a parameter
+    for bal_nl in (bal, B.GradNorm(tasks)):
+        with pytest.raises(ValueError, match=r"shared_params\[1\] is not a leaf tensor .* pass it as shared_repr"):
+            bal_nl.backward(losses, shared_params=[net.trunk[0].weight, z_params])
     with pytest.raises(ValueError, match="appears twice"):
         bal.backward(losses, shared_params=[net.trunk[0].weight, net.trunk[0].weight])
     with pytest.raises(RuntimeError, match="balances gradients, not losses"):
@@ -816,6 +899,62 @@ def test_solvers_handle_degenerate_grams():
         for name, make in METHODS.items():
             w = make(ALL_TASKS[:T]).solve(G, torch.ones(T, dtype=DT))
             assert torch.isfinite(w).all(), name
+
+
+KNOWN = {  # method -> its weights for the orthogonal pair g = (3, 4, 0), h = (0, 0, 2), worked out by hand
+    # min over a of 25 a^2 + 4 (1 - a)^2
+    "mgda": (lambda tasks: B.MGDA(tasks, normalization="none"), [4 / 29, 25 / 29]),
+    # unit gradients, orthogonal: their min-norm point is the midpoint
+    "mgda_l2": (lambda tasks: B.MGDA(tasks, normalization="l2"), [0.5, 0.5]),
+    "mgda_loss+": (lambda tasks: B.MGDA(tasks), [0.5, 0.5]),  # losses 1: as l2
+    "mgda_fw": (lambda tasks: B.MGDA(tasks, normalization="l2", solver="frank_wolfe"), [0.5, 0.5]),
+    "pcgrad": (lambda tasks: B.PCGrad(tasks), [1.0, 1.0]),  # no conflict: the sum
+    # dual at w = (0, 1): g0 = (g + h) / 2, ||g0|| = sqrt(29) / 2, d = g0 + (0.4 ||g0|| / ||h||) h
+    "cagrad_r0": (lambda tasks: B.CAGrad(tasks, rescale=0), [0.5, 0.5 + 0.1 * math.sqrt(29)]),
+    "cagrad": (lambda tasks: B.CAGrad(tasks), [0.5 / 1.16, (0.5 + 0.1 * math.sqrt(29)) / 1.16]),
+    "imtlg": (lambda tasks: B.IMTLG(tasks), [2 / 7, 5 / 7]),  # d . g / 5 = d . h / 2 with d = a g + (1 - a) h
+    "nash": (lambda tasks: B.NashMTL(tasks), [1 / 5, 1 / 2]),  # 25 a_1 = 1 / a_1, 4 a_2 = 1 / a_2
+    # G = diag(25, 4): B = sqrt(4) diag(1/5, 1/2), weights B 1
+    "aligned": (lambda tasks: B.AlignedMTL(tasks), [0.4, 1.0]),
+    "upgrad": (lambda tasks: B.UPGrad(tasks), [0.5, 0.5]),  # no conflict: the mean
+}
+
+
+def test_known_answers_for_orthogonal_opposite_and_identical_gradients():
+    """Two tasks, g = (3, 4, 0) (norm 5) and h = (0, 0, 2): orthogonal (weights in KNOWN), opposite (g, -g:
+    every method's update is 0) and identical (g, g: the update, since the weights are not unique for all)."""
+    g = torch.tensor([3.0, 4.0, 0.0], dtype=DT)
+    h = torch.tensor([0.0, 0.0, 2.0], dtype=DT)
+    ones = torch.ones(2, dtype=DT)
+    identical = {  # the update as a multiple of g
+        "mgda": 1.0,
+        "mgda_l2": 1.0,
+        "mgda_loss+": 1.0,
+        "mgda_fw": 1.0,
+        "pcgrad": 2.0,  # the plain sum
+        "cagrad_r0": 1.4,  # g0 + c ||g0|| g / ||g||
+        "cagrad": 1.4 / 1.16,
+        "imtlg": 1.0,  # singular system: 1/T each
+        "nash": 2 / math.sqrt(50),  # 50 a = 1 / a for each
+        "aligned": 2.0,  # rank one: B = v v^T, v = (1, 1) / sqrt(2)
+        "upgrad": 1.0,  # the mean
+    }
+    for name, (make, want) in KNOWN.items():
+        bal = make(ALL_TASKS[:2])
+        J = torch.stack([g, h])
+        w = bal.solve(J @ J.T, ones)
+        torch.testing.assert_close(w, torch.tensor(want, dtype=DT), rtol=1e-9, atol=1e-12, msg=name)
+        J = torch.stack([g, -g])
+        w = bal.solve(J @ J.T, ones)
+        assert torch.isfinite(w).all(), name
+        torch.testing.assert_close(w @ J, torch.zeros(3, dtype=DT), rtol=0, atol=1e-12, msg=name)
+        J = torch.stack([g, g])
+        w = bal.solve(J @ J.T, ones)
+        torch.testing.assert_close(w @ J, identical[name] * g, rtol=1e-9, atol=1e-12, msg=name)
+    same = torch.stack([g, g]) @ torch.stack([g, g]).T
+    torch.testing.assert_close(B.PCGrad(ALL_TASKS[:2]).solve(same, ones), torch.ones(2, dtype=DT))
+    torch.testing.assert_close(B.UPGrad(ALL_TASKS[:2]).solve(same, ones), torch.full((2,), 0.5, dtype=DT))
+    torch.testing.assert_close(B.NashMTL(ALL_TASKS[:2]).solve(same, ones), torch.full((2,), 50**-0.5, dtype=DT))
 
 
 def test_exact_solvers_agree_with_enumeration_in_numpy():

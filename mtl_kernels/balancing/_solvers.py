@@ -5,14 +5,16 @@ device: no .item(), no Python branch on a tensor value, fixed iteration counts, 
 of torch.linalg (torch.linalg.solve checks its error flag on the host; solve_ex does not). Callers pass
 float64 (the problems are tiny and often badly conditioned: nearly parallel gradients).
 
-Two exact solvers enumerate active sets, one batched linear solve over all 2^T faces:
-- simplex_qp: argmin over the simplex of 0.5 a^T Q a + p^T a (MGDA's min-norm point, CAGrad's steps);
+Three exact solvers enumerate active sets, one batched linear solve over all 2^T faces:
+- simplex_qp: argmin over the simplex of 0.5 a^T Q a + p^T a (MGDA's min-norm point);
+- cagrad_dual: argmin over the simplex of p^T a + phi sqrt(a^T G a) (CAGrad's dual);
 - dual_cone_weights: argmin_{v >= e_i} v^T G v for every i (UPGrad's projections onto the dual cone).
-Each candidate (the KKT point of one face, from solve_ex) is clamped into the feasible set and the
-feasible candidate with the smallest objective wins. The optimum is among the candidates: for a PSD
-objective some optimal point lies on a face whose KKT system is non-singular (moving along a null
-direction of the face's block keeps the objective and reaches a smaller face). Singular faces give
-non-finite or useless candidates, which are dropped or lose the comparison, never a wrong answer.
+Each candidate (the stationary point of one face, from solve_ex) is clamped into the feasible set and
+the feasible candidate with the smallest objective wins. The optimum is among the candidates: for
+these convex objectives some optimal point lies in the relative interior of a face whose system is
+non-singular (moving along a null direction of the face's system keeps the objective and reaches a
+smaller face), where it is that face's stationary point. Singular faces give non-finite or useless
+candidates, which are dropped or lose the comparison, never a wrong answer.
 """
 
 from __future__ import annotations
@@ -39,6 +41,25 @@ def _pick(candidates: Tensor, objective: Tensor, valid: Tensor) -> Tensor:
     return candidates.gather(-2, idx[..., None].expand(*idx.shape, candidates.shape[-1])).squeeze(-2)
 
 
+def _face_systems(Q: Tensor, m: Tensor) -> Tensor:
+    """[N, T+1, T+1] bordered KKT matrices [[Q_SS, 1], [1^T, 0]] of the faces m ([N, T] bool), padded
+    with identity rows and columns off each face's support S."""
+    T = Q.shape[-1]
+    mf = m.to(Q.dtype)
+    eye = torch.eye(T, dtype=Q.dtype, device=Q.device)
+    top = torch.cat([torch.where(m[:, :, None] & m[:, None, :], Q, eye), mf[:, :, None]], dim=2)
+    bottom = torch.cat([mf, mf.new_zeros(m.shape[0], 1)], dim=1)[:, None, :]
+    return torch.cat([top, bottom], dim=1)
+
+
+def _into_simplex(sol: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
+    """(candidates clamped to >= 0 on their face and renormalised, [N, T]; which of them are usable, [N])."""
+    a = sol.clamp_min(0) * m.to(sol.dtype)
+    s = a.sum(-1, keepdim=True)
+    valid = torch.isfinite(sol).all(-1) & (s[:, 0] > 0)
+    return a / torch.where(s > 0, s, 1.0), valid
+
+
 def simplex_qp(Q: Tensor, p: Tensor | None = None) -> Tensor:
     """argmin_{a >= 0, sum a = 1} 0.5 a^T Q a + p^T a for a PSD [T, T] Q: exact, by enumerating faces.
 
@@ -48,18 +69,9 @@ def simplex_qp(Q: Tensor, p: Tensor | None = None) -> Tensor:
     T = Q.shape[-1]
     m = _masks(T, Q.device)  # [N, T]
     mf = m.to(Q.dtype)
-    n = m.shape[0]
-    eye = torch.eye(T, dtype=Q.dtype, device=Q.device)
-    top = torch.cat([torch.where(m[:, :, None] & m[:, None, :], Q, eye), mf[:, :, None]], dim=2)
-    bottom = torch.cat([mf, mf.new_zeros(n, 1)], dim=1)[:, None, :]
-    K = torch.cat([top, bottom], dim=1)  # [N, T+1, T+1]
-    lin = torch.where(m, -p, 0.0) if p is not None else mf.new_zeros(n, T)
-    rhs = torch.cat([lin, mf.new_ones(n, 1)], dim=1)
-    sol = torch.linalg.solve_ex(K, rhs)[0][:, :T]
-    a = sol.clamp_min(0) * mf
-    s = a.sum(-1, keepdim=True)
-    valid = torch.isfinite(sol).all(-1) & (s[:, 0] > 0)
-    a = a / torch.where(s > 0, s, 1.0)
+    lin = torch.where(m, -p, 0.0) if p is not None else mf.new_zeros(m.shape[0], T)
+    rhs = torch.cat([lin, mf.new_ones(m.shape[0], 1)], dim=1)
+    a, valid = _into_simplex(torch.linalg.solve_ex(_face_systems(Q, m), rhs)[0][:, :T], m)
     f = 0.5 * torch.einsum("ni,ij,nj->n", a, Q, a)
     if p is not None:
         f = f + a @ p
@@ -156,22 +168,37 @@ def nash_weights(G: Tensor, iters: int) -> Tensor:
     return torch.where(active, alpha, 0.0) / norm.clamp_min(tiny).sqrt()
 
 
-def cagrad_dual(G: Tensor, c: float, iters: int) -> Tensor:
+def cagrad_dual(G: Tensor, c: float) -> Tensor:
     """w = argmin_{w in simplex} g_w . g0 + c ||g0|| ||g_w|| (CAGrad's dual; g_w = sum w_t g_t, g0 the mean).
 
-    Majorise-minimise: sqrt(q) <= q / (2 r) + r / 2 with equality at r = sqrt(q), so each of the `iters`
-    steps minimises the quadratic g_w . g0 + c ||g0|| (||g_w||^2 / (2 r) + r / 2) over the simplex exactly
-    (simplex_qp) and sets r = ||g_w||: the objective never increases, and it converges to the minimiser
-    (the objective is convex). Invariant to the scale of G.
+    Exact, by enumerating faces; with p = G 1 / T (p_t = g_t . g0) and phi = c ||g0|| the objective
+    is f(w) = p^T w + phi sqrt(w^T G w). On the affine hull of the face with support S, write
+    w = w0 + n (1^T n = 0, n = 0 off S) with two solves of the face's bordered system:
+        w0: G_SS w0 + m0 1 = 0,    1^T w0 = 1   (the face's min-norm point: g_w0 . g_n = 0 for all n),
+        w1: G_SS w1 + m1 1 = -p_S, 1^T w1 = 0   (so p^T n = -g_w1 . g_n for all n).
+    Then f(w0 + n) = p^T w0 - g_w1 . g_n + phi sqrt(A + ||g_n||^2), A = ||g_w0||^2, whose minimiser
+    over n is along w1 (Cauchy-Schwarz): n = s w1 with phi s = sqrt(A + s^2 C), C = ||g_w1||^2, i.e.
+    s = sqrt(A / (phi^2 - C)). If phi^2 <= C, f has no minimiser on the hull (it decreases along w1 for
+    ever), so no optimum lies inside that face; its candidate w0 is kept anyway (a feasible candidate
+    never hurts the comparison).
+    Vertices (|S| = 1) are their own candidates, which covers phi = 0 (a linear program). One batched
+    solve_ex of 2^T - 1 systems with two right-hand sides: the true minimiser, not an iteration.
     """
     T = G.shape[-1]
     b = G.new_full((T,), 1.0 / T)
     p = G @ b  # g_t . g0
-    g0 = (b @ p).clamp_min(0).sqrt()
-    tiny = torch.finfo(G.dtype).tiny
-    r = g0
-    w = b
-    for _ in range(iters):
-        w = simplex_qp((c * g0 / r.clamp_min(tiny)) * G, p)
-        r = (w @ G @ w).clamp_min(0).sqrt()
-    return w
+    phi = c * (b @ p).clamp_min(0).sqrt()
+    m = _masks(T, G.device)
+    mf = m.to(G.dtype)
+    n = m.shape[0]
+    rhs0 = torch.cat([mf.new_zeros(n, T), mf.new_ones(n, 1)], dim=1)
+    rhs1 = torch.cat([torch.where(m, -p, 0.0), mf.new_zeros(n, 1)], dim=1)
+    sol = torch.linalg.solve_ex(_face_systems(G, m), torch.stack([rhs0, rhs1], dim=-1))[0][:, :T]
+    w0, w1 = sol[..., 0] * mf, sol[..., 1] * mf
+    A = torch.einsum("ni,ij,nj->n", w0, G, w0).clamp_min(0)
+    C = torch.einsum("ni,ij,nj->n", w1, G, w1).clamp_min(0)
+    den = phi * phi - C
+    s = torch.where(den > 0, (A / torch.where(den > 0, den, 1.0)).sqrt(), 0.0)
+    a, valid = _into_simplex(w0 + s[:, None] * w1, m)
+    f = a @ p + phi * torch.einsum("ni,ij,nj->n", a, G, a).clamp_min(0).sqrt()
+    return _pick(a, f, valid)

@@ -20,8 +20,10 @@ class CAGrad(GradientBalancer):
     d = g0 + (c ||g0|| / ||g_w||) g_w, i.e. weights 1/T + (c ||g0|| / ||g_w||) w_t on the task gradients.
     All of it reads G only: ||g0||^2 = mean(G), g_w . g0 = w^T G 1 / T, ||g_w||^2 = w^T G w.
 
-    The dual is solved on the device by `iters` majorise-minimise steps, each an exact QP over the
-    simplex (enumerating its faces: T <= 12); the official code calls scipy's SLSQP on the host.
+    The dual is solved exactly on the device: its stationary point on every face of the simplex has a
+    closed form (two linear solves per face, see _solvers.cagrad_dual), and one batched solve over the
+    2^T - 1 faces (T <= 12) gives every candidate; the best feasible one is the minimiser, however badly
+    conditioned G is, with no iteration count to tune. The official code calls scipy's SLSQP on the host.
 
     rescale, as in the official code (its NYUv2 default, 1): 0 keeps d; 1 divides it by 1 + c^2;
     2 divides it by 1 + c. c = 0.4 is the paper's NYUv2 setting. When the gradients cancel
@@ -34,7 +36,6 @@ class CAGrad(GradientBalancer):
         tasks: Sequence[str],
         c: float = 0.4,
         rescale: int = 1,
-        iters: int = 30,
         scaler: torch.amp.GradScaler | None = None,
     ):
         super().__init__(tasks, scaler)
@@ -42,17 +43,14 @@ class CAGrad(GradientBalancer):
             raise ValueError(f"CAGrad: c must be a finite number >= 0, got {c!r}")
         if rescale not in (0, 1, 2) or isinstance(rescale, bool):
             raise ValueError(f"CAGrad: rescale must be 0, 1 or 2, got {rescale!r}")
-        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-            raise ValueError(f"CAGrad: iters must be an int >= 1, got {iters!r}")
         if len(self.tasks) > MAX_EXACT_TASKS:
             raise ValueError(f"CAGrad: at most {MAX_EXACT_TASKS} tasks (its solver enumerates 2^T faces)")
         self.c = float(c)
         self.rescale = rescale
-        self.iters = iters
 
     def solve(self, G: Tensor, losses: Tensor) -> Tensor:
         T = G.shape[0]
-        w = cagrad_dual(G, self.c, self.iters)
+        w = cagrad_dual(G, self.c)
         g0 = G.mean().clamp_min(0).sqrt()
         gw = (w @ G @ w).clamp_min(0).sqrt()
         floor = 1e-6 * G.diagonal().max().clamp_min(0).sqrt()
@@ -65,4 +63,4 @@ class CAGrad(GradientBalancer):
         return coef
 
     def extra_repr(self) -> str:
-        return f"tasks={self.tasks}, c={self.c:g}, rescale={self.rescale}, iters={self.iters}"
+        return f"tasks={self.tasks}, c={self.c:g}, rescale={self.rescale}"

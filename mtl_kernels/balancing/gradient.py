@@ -100,7 +100,7 @@ class GradientBalancer(Balancer):
     ) -> dict[str, Tensor]:
         """Writes the balanced gradient into .grad and returns {task: weight} (detached 0-dim tensors).
 
-        Exactly one of shared_params (the shared parameters, e.g. model.backbone.parameters()) or
+        Exactly one of shared_params (the shared parameters, leaf tensors, e.g. model.backbone.parameters()) or
         shared_repr (the tensor, or list of tensors, the task heads consume) must be given.
         """
         who = type(self).__name__
@@ -232,6 +232,15 @@ def check_shared(who: str, shared_params, shared_repr, accepts_repr: bool = True
                 else "pass the representation as computed by the model, with autograd on and not detached"
             )
             raise ValueError(f"{who}.backward: {name}[{k}] does not require grad; {hint}")
+        if name == "shared_params" and not x.is_leaf:
+            # The balanced combination would go into this tensor's .grad, which no optimiser reads, and
+            # the parameters it is computed from would get the plain sum of the losses' gradients.
+            raise ValueError(
+                f"{who}.backward: shared_params[{k}] is not a leaf tensor (it is computed by "
+                f"{type(x.grad_fn).__name__}); shared_params expects the shared parameters themselves "
+                "(leaf tensors, e.g. model.backbone.parameters()); to balance the gradients of an "
+                "activation the task heads consume, pass it as shared_repr"
+            )
         if id(x) in seen:
             raise ValueError(f"{who}.backward: {name}[{k}] appears twice")
         seen.add(id(x))
