@@ -31,7 +31,8 @@ EXTRA_TRITON := .venv/triton-$(TRITON_GPU_IMAGE)
 # auto: CUDA kernels when torch has CUDA and nvcc is found; 1: always; 0: never.
 MTL_KERNELS_CUDA ?= auto
 export TORCH_CUDA_ARCH_LIST ?= 9.0
-export CUDA_HOME ?= /usr/local/cuda
+# (only where it exists: setup.py's auto then builds CPU-only kernels on a machine without it)
+export CUDA_HOME ?= $(wildcard /usr/local/cuda)
 
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h')
 BUILD_STAMP = build/.built-cuda-$(MTL_KERNELS_CUDA)-$(USE_SYSTEM_PYTHON)

@@ -33,7 +33,9 @@ def want_cuda() -> bool:
     mode = os.environ.get("MTL_KERNELS_CUDA", "auto").lower()
     if mode not in ("auto", "0", "1"):
         sys.exit(f"MTL_KERNELS_CUDA must be auto, 0 or 1, got {mode!r}")
-    possible = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    # CUDA_HOME may be set (the Makefile's default) where no toolkit is: auto needs nvcc there.
+    home = cpp_extension.CUDA_HOME
+    possible = torch.version.cuda is not None and home is not None and os.path.exists(os.path.join(home, "bin", "nvcc"))
     if mode == "1" and not possible:
         sys.exit(
             "MTL_KERNELS_CUDA=1 but a CUDA build is impossible here: "

@@ -23,8 +23,11 @@ try:
     _C_ERROR = None
 except ImportError as e:  # no compiler at install time, or a broken build
     _C_ERROR = e
+    _built = importlib.util.find_spec("mtl_kernels._C") is not None
+    # Python's own message for a missing _C blames a circular import; say what it is.
+    _why = f"it failed to load: {e}" if _built else "the package was installed without them (no C++ compiler?)"
     warnings.warn(
-        f"mtl_kernels: compiled kernels not available ({e}); the 'cpu' and 'cuda' backends are off, "
+        f"mtl_kernels: compiled kernels not available ({_why}); the 'cpu' and 'cuda' backends are off, "
         "'reference' and 'triton' remain",
         stacklevel=2,
     )
@@ -82,9 +85,28 @@ def use_backend(name: str):
         _default = previous
 
 
+def forbid_double_backward(op: str) -> None:
+    """Call in a fused op's registered backward: under create_graph=True (grad mode on in backward)
+    its backward kernels, which have no autograd of their own, would enter the gradient's graph as
+    constants, a silent zero second derivative; raise instead."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            f"{op}: double backward (create_graph=True) is not supported by the fused backends; "
+            "use backend='reference' for higher-order gradients"
+        )
+
+
 def _check_name(name) -> None:
     if name not in _CHOICES:
         raise ValueError(f"backend must be one of {', '.join(_CHOICES)}, got {name!r}")
+
+
+def check_backend_arg(name: str | None) -> str | None:
+    """A module's or model's backend= when it is given: None (the process default) or a valid
+    name, checked at construction rather than at the first forward."""
+    if name is not None:
+        _check_name(name)
+    return name
 
 
 def resolve(

@@ -383,3 +383,78 @@ def test_cuda_backend_rejects_more_than_eight_tasks():
     with pytest.raises(ValueError, match="at most 8 tasks"):
         cross_stitch(xs, alpha, backend="cuda")
     check_against_reference(xs, alpha, "auto")  # the Triton kernels take any T
+
+
+def _fused_op_losses():
+    """{op: loss(backend) -> (scalar, leaves)}: every fused op's autograd, on small inputs."""
+    from mtl_kernels.ops import cross_stitch, dense_loss, gate_sum, nddr
+
+    def leaves():
+        x = [torch.randn(2, 3, 4, 5, requires_grad=True) for _ in range(2)]
+        w = (torch.eye(6) + 0.1 * torch.randn(6, 6)).reshape(2, 3, 6).requires_grad_()
+        return x, w, [torch.ones(2, 3, requires_grad=True), torch.zeros(2, 3, requires_grad=True)]
+
+    def cs(b):
+        x, _, _ = leaves()
+        alpha = torch.rand(2, 2, 3, requires_grad=True)
+        return sum(y.sum() for y in cross_stitch(x, alpha, backend=b)), [*x, alpha]
+
+    def gs(b):
+        x, _, _ = leaves()
+        return gate_sum(None, [x[0]], [x[1]], [0], 1, backend=b)[0].sum(), x
+
+    def nd(training):
+        def run(b):
+            x, w, bn = leaves()
+            ys = nddr(x, w, *bn, torch.zeros(2, 3), torch.ones(2, 3), training, backend=b)
+            return sum(y.sum() for y in ys), [*x, w, *bn]
+
+        return run
+
+    def dl(b):
+        x, _, _ = leaves()
+        return dense_loss(x[0], torch.randint(0, 3, (2, 4, 5)), "cross_entropy", backend=b), [x[0]]
+
+    return {"cross_stitch": cs, "gate_sum": gs, "nddr": nd(True), "nddr eval": nd(False), "dense_loss": dl}
+
+
+@pytest.mark.parametrize("op", list(_fused_op_losses()))
+@pytest.mark.parametrize("backend", fused_backends("cpu"))
+def test_double_backward_is_an_error_not_a_silent_zero(backend, op):
+    # The fused backward kernels have no autograd of their own: a graph of the gradient
+    # (create_graph=True) would treat them as constants. The reference differentiates twice.
+    loss, leaves = _fused_op_losses()[op](backend)
+    with pytest.raises(RuntimeError, match="double backward .* not supported by the fused backends"):
+        torch.autograd.grad(loss, leaves, create_graph=True)
+    loss, leaves = _fused_op_losses()[op]("reference")
+    grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+    assert any(g is not None and g.requires_grad for g in grads)
+
+
+def test_bad_backend_is_an_error_at_construction():
+    for make in (
+        lambda b: mk.nn.CrossStitch(["a", "b"], 4, backend=b),
+        lambda b: mk.nn.NDDR(["a", "b"], 4, backend=b),
+        lambda b: mk.nn.MultiModalDistillation(["a", "b"], ["a", "b"], 4, backend=b),
+        lambda b: mk.nn.MTANAttention(4, 2, 4, backend=b),
+        lambda b: mk.nn.DenseMultiTaskLoss(["depth"], backend=b),
+    ):
+        with pytest.raises(ValueError, match="backend must be one of auto, reference, cpu, cuda, triton, got 'gpu'"):
+            make("gpu")
+        make(None), make("reference")
+
+
+def test_convert_leaves_other_layouts_and_keeps_sharing():
+    class CrossStitchUnit(torch.nn.Module):  # the survey's class name, another layout
+        def __init__(self):
+            super().__init__()
+            self.cross_stitch_unit = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 2)})
+
+    odd = CrossStitchUnit()
+    assert mk.convert(odd) is odd
+    survey = mk.reference.CrossStitchUnit(["a", "b"], 4, 0.9, 0.1)
+    model = torch.nn.Sequential(survey, torch.nn.ReLU(), survey)  # one unit used twice
+    model = mk.convert(model)
+    assert isinstance(model[0], mk.nn.CrossStitch) and model[0] is model[2]
+    with pytest.raises(ValueError, match="backend must be one of"):
+        mk.convert(model, backend="gpu")

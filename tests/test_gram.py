@@ -57,6 +57,19 @@ def test_combine(device, backend, T, dtype, accumulate):
 
 
 @pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_combine_strided_weights(device, backend, dtype):
+    # weights as a column of a table (stride 2): read by their strides, not as a dense vector
+    grads = task_grads(3, dtype, device)
+    table = torch.tensor([[1.0, 100.0], [2.0, 200.0], [-3.0, 300.0]], device=device, dtype=dtype)
+    w = table[:, 0]
+    out = combine(w, grads, backend=backend)
+    for k, o in enumerate(out):
+        want = sum(w[t].double() * grads[t][k].double() for t in range(3))
+        assert ((o.double() - want).abs().max() / want.abs().max().clamp_min(1.0)).item() <= TOL[dtype], k
+
+
+@pytest.mark.parametrize("device,backend", CASES)
 def test_combine_fresh_and_mixed_dtypes(device, backend):
     # tensors of different dtypes in one list (fp32 and bf16 parameters); out=None allocates
     grads = [[torch.randn(40, device=device), torch.randn(9, device=device).bfloat16()] for _ in range(3)]

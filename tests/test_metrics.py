@@ -275,6 +275,19 @@ def test_saliency_survey_thresholds_void_and_logits():
         SaliencyMeter().update(torch.logit(prob), gt)
 
 
+def test_saliency_compares_in_the_predictions_precision():
+    # The survey's predictions are 8-bit maps / 255 in float32, compared in float32: 51/255 is
+    # not above the 0.2 threshold (float32(0.2) == float32(51 / 255)).
+    pred = torch.tensor([[[51 / 255, 0.9]]], dtype=torch.float32)
+    gt = torch.tensor([[[0.0, 1.0]]])
+    m = SaliencyMeter(thresholds=[0.2])
+    m.update(pred, gt)
+    assert m.curves()["precision"] == pytest.approx([1.0])
+    m64 = SaliencyMeter(thresholds=[0.2])
+    m64.update(pred.double(), gt)  # float64 input: compared in float64, 0.20000000298 > 0.2
+    assert m64.curves()["precision"] == pytest.approx([0.5])
+
+
 # ----------------------------------------------------------------------------- edge
 
 

@@ -73,7 +73,11 @@ class SaliencyMeter:
         pred = map_bhw(as_tensor(pred, "pred", self.name), "pred", self.name, "saliency probabilities")
         gt = map_bhw(as_tensor(gt, "gt", self.name), "gt", self.name, "saliency targets")
         same_shape(pred, gt, self.name)
-        pred = pred.to(gt.device).double()
+        # Compared with the thresholds in the prediction's own precision, as the survey's float32
+        # maps: in float64 a float32 51/255 (0.20000000298) would count as above 0.2.
+        pred = pred.to(gt.device)
+        if pred.dtype not in (torch.float32, torch.float64):
+            pred = pred.float()
         if self.logits:
             pred = torch.sigmoid(pred)
         elif pred.numel() and bool(((pred < 0) | (pred > 1)).any()):

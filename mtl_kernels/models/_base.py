@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._backend import _check_name
+from .._backend import check_backend_arg
 from ..nn import NDDR, CrossStitch, MTANAttention, MultiModalDistillation
 from .backbones import RESNETS, build_backbone, check_backbone
 from .heads import build_head
@@ -22,9 +22,7 @@ def check_backend_name(backend: str | None) -> str | None:
     """None (the process default) or a backend name, checked now with the ops' own message: a model
     without fused modules (single_task, multi_task) would never check it, the others only at the
     first forward."""
-    if backend is not None:
-        _check_name(backend)
-    return backend
+    return check_backend_arg(backend)
 
 
 def set_backend(model: nn.Module, backend: str | None) -> nn.Module:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import _backend
 from ..ops.cross_stitch import cross_stitch
 from .tasks import check_task_features, check_tasks
 
@@ -27,7 +28,7 @@ class CrossStitch(nn.Module):
         if not isinstance(channels, int) or channels < 1:
             raise ValueError(f"CrossStitch: channels must be a positive int, got {channels!r}")
         self.channels = channels
-        self.backend = backend
+        self.backend = _backend.check_backend_arg(backend)
         T = len(self.tasks)
         init = torch.full((T, T, channels), float(beta))
         init[range(T), range(T)] = float(alpha)

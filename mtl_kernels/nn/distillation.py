@@ -42,7 +42,8 @@ class MultiModalDistillation(nn.Module):
             )
         if not isinstance(channels, int) or channels < 1:
             raise ValueError(f"MultiModalDistillation: channels must be a positive int, got {channels!r}")
-        self.channels, self.key_format, self.backend = channels, key_format, backend
+        self.channels, self.key_format = channels, key_format
+        self.backend = _backend.check_backend_arg(backend)
         # source a -> the targets it feeds, in the order of `tasks`
         self.targets_of = {a: [t for t in self.tasks if t != a] for a in self.auxiliary_tasks}
         self.weights = nn.ParameterDict()
@@ -131,6 +132,7 @@ class _GatedSources(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outs):
+        _backend.forbid_double_backward("MultiModalDistillation")
         stacked = ctx.saved_tensors
         feats, gates, targets = _slices(stacked, ctx.slots, ctx.C)
         grad_outs = [torch.zeros_like(feats[0]) if g is None else g for g in grad_outs]
@@ -161,7 +163,7 @@ class MTANAttention(nn.Sequential):
             nn.BatchNorm2d(out_channels),
             nn.Sigmoid(),
         )
-        self.backend = backend
+        self.backend = _backend.check_backend_arg(backend)
 
     def forward(self, x: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         conv1, bn1, _, conv2, bn2, _ = self

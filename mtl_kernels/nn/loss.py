@@ -150,7 +150,8 @@ class DenseMultiTaskLoss(nn.Module):
         self.task_kinds = dict(task_kinds)
         self.tasks = list(task_kinds)
         self.upsample, self.depth_invalid, self.edge_pos_weight = upsample, depth_invalid, edge_pos_weight
-        self.check_targets, self.inplace_backward, self.backend = check_targets, inplace_backward, backend
+        self.check_targets, self.inplace_backward = check_targets, inplace_backward
+        self.backend = _backend.check_backend_arg(backend)
         self.group_tasks = group_tasks
         if isinstance(weights, nn.Module):
             self.balancer, self.weights = weights, None

@@ -7,6 +7,7 @@ import numbers
 import torch
 from torch import nn
 
+from .. import _backend
 from ..ops.nddr import nddr
 from ..reference.nddr import nddr_init_weight
 from .tasks import check_task_features, check_tasks
@@ -62,7 +63,8 @@ class NDDR(nn.Module):
             raise ValueError(f"NDDR: momentum must be in [0, 1], got {momentum!r}")
         if not eps > 0:
             raise ValueError(f"NDDR: eps must be positive, got {eps!r}")
-        self.channels, self.momentum, self.eps, self.backend = channels, momentum, eps, backend
+        self.channels, self.momentum, self.eps = channels, momentum, eps
+        self.backend = _backend.check_backend_arg(backend)
         T = len(self.tasks)
         self.weight = nn.Parameter(nddr_init_weight(T, channels, alpha, beta))
         self.bn_weight = nn.Parameter(torch.ones(T, channels))

@@ -66,6 +66,7 @@ def _setup_context(ctx, inputs, output):
 
 def _autograd_backward(backward_op):
     def backward(ctx, grad_ys):
+        _backend.forbid_double_backward("cross_stitch")
         *xs, alpha = ctx.saved_tensors
         # Autograd passes None for outputs that took no part in the loss.
         grad_ys = [torch.zeros_like(x) if g is None else g for g, x in zip(grad_ys, xs)]

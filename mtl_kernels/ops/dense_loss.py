@@ -272,6 +272,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_with(scale, scale_):
     def backward(ctx, grad_stats, _grad_grad):
+        _backend.forbid_double_backward("dense_loss")
         (grad,) = ctx.saved_tensors
         if grad_stats is None:  # the loss took no part in what is differentiated
             return None, None, None, None, None, None
@@ -307,6 +308,7 @@ def _group_setup_context(ctx, inputs, output):
 
 def _group_backward_with(scale, scale_):
     def backward(ctx, grad_stats, _grad_grads):
+        _backend.forbid_double_backward("dense_loss_group")
         kept = list(ctx.saved_tensors)
         out = [None] * len(kept)  # None for the targets' too (a list input takes a list)
         # Only the tasks whose stats a gradient reached: a loss of one task leaves the others (and

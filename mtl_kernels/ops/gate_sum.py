@@ -153,6 +153,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_with(backward_op):
     def backward(ctx, grad_outs):
+        _backend.forbid_double_backward("gate_sum")
         saved = ctx.saved_tensors
         n = ctx.num_feats
         feats, gates, scale, shift = saved[:n], saved[n : 2 * n], saved[2 * n], saved[2 * n + 1]

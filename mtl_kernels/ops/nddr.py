@@ -147,6 +147,7 @@ def _setup_train(ctx, inputs, output):
 
 def _backward_train_with(backward_op):
     def backward(ctx, grad_ys, grad_z, grad_mean, grad_var):
+        _backend.forbid_double_backward("nddr")
         z, weight, bn_weight, bn_bias, mean, var, *xs = ctx.saved_tensors
         grad_ys = _zeros_for_none(grad_ys, xs)
         grad_xs, grad_w, grad_g, grad_b = backward_op(grad_ys, xs, z, weight, bn_weight, bn_bias, mean, var, ctx.eps)
@@ -163,6 +164,7 @@ def _setup_eval(ctx, inputs, output):
 
 def _backward_eval_with(backward_op):
     def backward(ctx, grad_ys):
+        _backend.forbid_double_backward("nddr")
         weight, *rest = ctx.saved_tensors
         xs, ys = rest[: ctx.num_tasks], rest[ctx.num_tasks :]
         grad_xs, grad_w, grad_b = backward_op(_zeros_for_none(grad_ys, xs), xs, ys, weight)

@@ -248,7 +248,7 @@ def cross_stitch_triton(xs: list[torch.Tensor], alpha: torch.Tensor) -> list[tor
     with _device.device_guard(x0.device):
         _cross_stitch_fwd_kernel[grid](
             xs_f, tuple(ys), alpha, x0.shape[1], pl.R, pl.n_rt, pl.sB, pl.sC, pl.sR,
-            T=T, BLOCK_C=pl.block_c, BLOCK_R=pl.block_r, ACC=acc_tl, INT64=_device.needs_int64(x0),
+            T=T, BLOCK_C=pl.block_c, BLOCK_R=pl.block_r, ACC=acc_tl, INT64=_device.needs_int64(xs_f[0]),
             num_warps=_NUM_WARPS,
         )  # fmt: skip
     return ys
@@ -282,7 +282,7 @@ def cross_stitch_triton_backward(
         _cross_stitch_bwd_kernel[(n_chunks, n_ct)](
             gys_f, xs_f, tuple(grad_xs), alpha, partial, C, pl.R, pl.n_rt, pl.n_tiles, tiles_per_chunk,
             pl.sB, pl.sC, pl.sR,
-            T=T, BLOCK_C=pl.block_c, BLOCK_R=pl.block_r, RED=pl.red, ACC=acc_tl, INT64=_device.needs_int64(x0),
+            T=T, BLOCK_C=pl.block_c, BLOCK_R=pl.block_r, RED=pl.red, ACC=acc_tl, INT64=_device.needs_int64(xs_f[0]),
             num_warps=_NUM_WARPS,
         )  # fmt: skip
     # Fixed-order reduction over chunks: deterministic, no atomics.

@@ -57,8 +57,10 @@ def _ce_tile(
     x_ptr, t_ptr, g_ptr, b, tile, C, P, sB, sC, sP,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    """Cross-entropy of BLOCK_P pixels of image b: (loss sum, count, malformed); gradient stored."""
-    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    """Cross-entropy of BLOCK_P pixels of image b: (loss sum, count, malformed); gradient stored.
+    The pixel and channel indices take b's integer type: with int64 b (large tensors) every
+    offset, c * sC and p * sP included, is computed in 64 bits."""
+    p = (tile * BLOCK_P + tl.arange(0, BLOCK_P)).to(b.dtype)
     p_mask = p < P
     label = tl.load(t_ptr + b * P + p, mask=p_mask, other=_IGNORE)
     in_range = (label >= 0) & (label < C)
@@ -71,7 +73,7 @@ def _ce_tile(
     s = tl.zeros((BLOCK_P,), ACC)
     xt = tl.zeros((BLOCK_P,), ACC)
     for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
+        c = (c0 + tl.arange(0, BLOCK_C)).to(b.dtype)
         mask = (c < C)[:, None] & p_mask[None, :]
         x = tl.load(x_ptr + base + c[:, None] * sC, mask=mask, other=float("-inf")).to(ACC)
         m, s, xt = _ce_online(m, s, xt, x, c, label)
@@ -79,7 +81,7 @@ def _ce_tile(
     inv = tl.where(ok, 1.0 / s, 0.0)  # ignored pixels: gradient exactly 0
     # Pass 2: the gradient of the sum, softmax - onehot.
     for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
+        c = (c0 + tl.arange(0, BLOCK_C)).to(b.dtype)
         mask = (c < C)[:, None] & p_mask[None, :]
         x = tl.load(x_ptr + base + c[:, None] * sC, mask=mask, other=0.0).to(ACC)
         g = _ce_grad(x, c, label, ok, m, inv)

@@ -141,7 +141,7 @@ def dense_loss_group_triton(
     C_max = max((p.shape[1] for p, k in zip(preds, kinds) if k == 0), default=1)
     with _device.device_guard(device):
         _group_loss_kernel[(first,)](
-            table_d, pos_weights, part, len(preds),
+            table_d, pos_weights.contiguous(), part, len(preds),
             X_TYPE=_TL_DTYPE[preds[0].dtype], ACC=acc, INVALID=invalid,
             BLOCK_P=_BLOCK_P, BLOCK_C=min(triton.next_power_of_2(C_max), 32), BLOCK_N=_BLOCK_N, BLOCK_F=_BLOCK_F,
         )  # fmt: skip

@@ -91,7 +91,7 @@ def _ce_kernel(
     s = tl.zeros((BLOCK_P,), ACC)
     xt = tl.zeros((BLOCK_P,), ACC)
     for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
+        c = (c0 + tl.arange(0, BLOCK_C)).to(b.dtype)  # int64 b: 64-bit c * sC
         mask = (c < C)[:, None] & p_mask[None, :]
         x = _lerp(x_ptr + b * sB + c[:, None] * sC, o00, o01, o10, o11, hy, hx, ly, lx, mask, ACC)
         m, s, xt = _ce_online(m, s, xt, tl.where(mask, x, float("-inf")), c, label)
@@ -99,7 +99,7 @@ def _ce_kernel(
     inv = tl.where(ok, 1.0 / s, 0.0)  # ignored pixels: gradient exactly 0
     # Pass 2: softmax - onehot, spread back onto the source pixels.
     for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
+        c = (c0 + tl.arange(0, BLOCK_C)).to(b.dtype)
         mask = (c < C)[:, None] & ok[None, :]
         x = _lerp(x_ptr + b * sB + c[:, None] * sC, o00, o01, o10, o11, hy, hx, ly, lx, mask, ACC)
         g = _ce_grad(x, c, label, ok, m, inv)

@@ -148,6 +148,8 @@ def combine_triton(weights: torch.Tensor, grads: list[torch.Tensor], out: list[t
     K = len(grads) // T
     device = weights.device
     acc_w = weights.to(torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32)
+    if acc_w.stride(0) != 1:  # the kernel reads weight t at w_ptr + t: a strided [T] view would be read wrong
+        acc_w = torch.empty(T, dtype=acc_w.dtype, device=device).copy_(acc_w)
     with _device.device_guard(device):
         for (dtype, out_dtype), ks in _groups(grads, K, out).items():
             rows = [[grads[t * K + k] for k in ks] for t in range(T)] + [[out[k] for k in ks]]

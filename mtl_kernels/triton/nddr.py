@@ -155,8 +155,9 @@ def _gemm_fwd_kernel(
     co = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     co_mask = co < C
     k = t * C + co
-    if INT64:
+    if INT64:  # every index that multiplies a stride, not only the tile's start
         k = k.to(tl.int64)
+        co = co.to(tl.int64)
     DT = xs[0].dtype.element_ty
 
     acc = tl.zeros([BLOCK_K, BLOCK_P], dtype=ACC)
@@ -165,6 +166,8 @@ def _gemm_fwd_kernel(
         for c0 in range(0, C, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             c_mask = c < C
+            if INT64:
+                c = c.to(tl.int64)
             wt = tl.load(
                 w + k[:, None] * TC + (j * C + c)[None, :], mask=co_mask[:, None] & c_mask[None, :], other=0.0
             ).to(DT)  # the reference converts the weight to the features' dtype
@@ -307,6 +310,9 @@ def _grad_x_kernel(
             co = k0 + tl.arange(0, BLOCK_K)
             co_mask = co < C
             k = t * C + co
+            if INT64:
+                co = co.to(tl.int64)
+                k = k.to(tl.int64)
             dz = _dz_tile(
                 grad_ys[t], zy_t, k, co, co_mask, b, r, r_mask, sxB, sxC, sxR, szB, szC, szR,
                 scale, shift, a, bb, TRAIN, ACC, DT,
@@ -350,6 +356,7 @@ def _grad_w_kernel(
     k = t * C + co
     if INT64:
         k = k.to(tl.int64)
+        co = co.to(tl.int64)
         c = c.to(tl.int64)
     DT = xs[0].dtype.element_ty
     gy_ptr = _select(grad_ys, t, T)
