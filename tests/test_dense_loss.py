@@ -394,6 +394,19 @@ def test_upsampled_matches_interpolate_then_loss(device, backend, kind, dtype, s
     assert rel_err(g, grad_of(ref, pred)) <= tol
 
 
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("classes", [21, 40])
+def test_upsampled_cross_entropy_over_several_class_slices(device, backend, classes):
+    # more classes than one channel slice of the kernels (Triton: 16), the last one partial
+    pred, _ = make("cross_entropy", (2, classes, 4, 6), torch.float32, device)
+    _, target = make("cross_entropy", (2, classes, 9, 13), torch.float32, device)
+    loss = dense_loss(pred, target, "cross_entropy", upsample=True, backend=backend)
+    up = F.interpolate(pred.double(), size=(9, 13), mode="bilinear", align_corners=False)
+    ref = dense_loss(up, target, "cross_entropy", backend="reference")
+    assert abs(loss.item() - ref.item()) <= 1e-5 * max(1.0, abs(ref.item()))
+    assert rel_err(grad_of(loss, pred), grad_of(ref, pred)) <= 1e-5
+
+
 @pytest.mark.parametrize("device,backend", [("cpu", "reference"), *CASES])
 @pytest.mark.parametrize("kind", KINDS)
 def test_upsampled_channels_last_prediction(device, backend, kind):

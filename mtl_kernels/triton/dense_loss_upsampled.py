@@ -180,9 +180,11 @@ def dense_loss_upsampled_triton(
             block_p = 64
             grid = (triton.cdiv(P, block_p), B)
             part = torch.empty((grid[0] * B, 3), dtype=torch.float64, device=pred.device)
+            # BLOCK_C 16, not 32: with four taps and weights per pixel, 64 x 32 tiles needed more
+            # than 255 registers and spilled 1.1-2.9 KB per thread (ptxas -v, sm_90)
             _ce_kernel[grid](
                 pred, target, grad, part, C, *args,
-                BLOCK_P=block_p, BLOCK_C=min(triton.next_power_of_2(C), 32), ACC=acc, INT64=int64,
+                BLOCK_P=block_p, BLOCK_C=min(triton.next_power_of_2(C), 16), ACC=acc, INT64=int64,
             )  # fmt: skip
         else:
             block = 256
